@@ -156,7 +156,7 @@ class _ReferenceFile:
             raise
 
     def _open_table(self) -> None:
-        keys = [k.lstrip("/") for k in self.store.keys()]
+        keys = [k.lstrip("/") for k in self.store]
         if KEY not in keys:
             raise DataError(f"{self.source}: no '{KEY}' key in the HDF5 store (keys found: {keys or 'none'})")
         self.storer = self.store.get_storer(KEY)
