@@ -160,7 +160,8 @@ class _ReferenceFile:
         if KEY not in keys:
             raise DataError(f"{self.source}: no '{KEY}' key in the HDF5 store (keys found: {keys or 'none'})")
         self.storer = self.store.get_storer(KEY)
-        self.rows = int(self.storer.nrows or 0)
+        # Table-format stores know their row count; fixed-format ones keep it in their shape.
+        self.rows = int(self.storer.nrows if self.storer.is_table else (self.storer.shape or [0])[0])
         head = self._select(0, min(1, self.rows))
         missing = [c for c in COLUMNS if c not in head.columns]
         if missing:
