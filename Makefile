@@ -38,10 +38,10 @@ lint: $(STAMP)  ## ruff
 demo: $(STAMP)  ## generate a small Pythia8 sample and summarise it
 	@mkdir -p $(STATE)
 	$(PY) -m components.generate --signal 250 --background 250 --seed 1 --out $(STATE)/demo_jets.h5
-	$(PY) -m components.summary $(STATE)/demo_jets.h5
+	$(PY) -m components.summary $(STATE)/demo_jets.h5 --plot $(STATE)/demo_jets_mass.png
 
 bench-data: $(STAMP)  ## generation and reading throughput (docs/benchmarks.md)
-	$(PY) -m components.bench
+	$(PY) -m components.bench --markdown docs/benchmarks/data.md
 
 lock:  ## re-resolve requirements.in into requirements.txt
 	rm -rf /tmp/top-tagger-lock && $(PYTHON) -m venv /tmp/top-tagger-lock

@@ -87,18 +87,22 @@ def _transfer_config() -> Any:
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK)
 
 
-def _explain(uri: str, exc: Exception) -> StorageError:
+def _explain(uri: str, exc: Exception, not_found: str = "no such object") -> StorageError:
     """Turn a botocore error into one message that names the URI and what the server said."""
+    from boto3.exceptions import RetriesExceededError
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     if isinstance(exc, NoCredentialsError):
         return StorageError(f"{uri}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
     if isinstance(exc, EndpointConnectionError):
         return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint_url() or '(AWS default)'}")
+    if isinstance(exc, RetriesExceededError):
+        return StorageError(f"{uri}: transfer failed after retries ({exc.last_exception})")
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchKey", "NotFound"):
-            return StorageError(f"{uri}: no such object")
+            # HEAD answers carry no error body, so a bare 404 means whatever was asked about.
+            return StorageError(f"{uri}: {not_found}")
         if code == "NoSuchBucket":
             return StorageError(f"{uri}: no such bucket")
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -108,10 +112,10 @@ def _explain(uri: str, exc: Exception) -> StorageError:
 
 
 def _s3_errors() -> tuple[type[Exception], ...]:
-    from boto3.exceptions import S3UploadFailedError
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
-    return (BotoCoreError, ClientError, S3UploadFailedError)
+    return (BotoCoreError, ClientError, Boto3Error)
 
 
 def exists(uri: str | os.PathLike[str]) -> bool:
@@ -256,7 +260,7 @@ def check_writable(uri: str | os.PathLike[str]) -> None:
         try:
             s3_client().head_bucket(Bucket=loc.bucket)
         except _s3_errors() as exc:
-            raise _explain(uri, exc) from None
+            raise _explain(uri, exc, not_found="no such bucket") from None
         return
     path = Path(uri)
     if path.is_dir():
