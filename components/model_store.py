@@ -1,0 +1,70 @@
+"""Resolve a model URI to a local folder: local paths, ``s3://`` prefixes and MLflow URIs.
+
+Accepted forms:
+- a local folder, including ``/mnt/models`` as KServe's storage initializer lays it out;
+- ``s3://bucket/prefix`` (MinIO in Kubeflow), downloaded with :mod:`components.storage`;
+- ``models:/name@alias``, ``models:/name/version`` and ``runs:/<run>/path`` through MLflow, which
+  reads ``MLFLOW_TRACKING_URI`` from the environment.
+
+Downloads go to a cache folder keyed by the URI, so a restarted server does not fetch again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from components import storage
+from components.errors import StorageError
+
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+CACHE = Path(os.environ.get("TOPTAGGER_MODEL_CACHE", Path.home() / ".cache" / "top-tagger" / "models"))
+
+
+def is_mlflow_uri(uri: str) -> bool:
+    return uri.startswith(MLFLOW_SCHEMES)
+
+
+def fetch_model_dir(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
+    """A local folder holding the model at ``uri``; raises :class:`StorageError` naming the URI."""
+    uri = str(uri)
+    if not uri:
+        raise StorageError("empty model URI")
+    if not (storage.is_s3(uri) or is_mlflow_uri(uri)):
+        path = Path(uri.removeprefix("file://"))
+        if not path.exists():
+            raise StorageError(f"{uri}: no such model folder")
+        if not path.is_dir():
+            raise StorageError(f"{uri}: a model URI names a folder, not a file")
+        return path
+    target = (cache or CACHE) / hashlib.sha256(f"{storage.endpoint_url()}|{uri}".encode()).hexdigest()[:20]
+    if target.is_dir() and not uri.endswith(("@champion", "@challenger", "/latest")):
+        return target  # a fixed version never changes; aliases are re-resolved every time
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        if storage.is_s3(uri):
+            storage.download_dir(uri, staging)
+        else:
+            _download_mlflow(uri, staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)  # the folder appears whole or not at all
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _download_mlflow(uri: str, dest: Path) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
+    except MlflowException as exc:
+        raise StorageError(f"{uri}: {exc.message} (tracking URI {mlflow.get_tracking_uri()})") from None
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot download from MLflow ({exc})") from None

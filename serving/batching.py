@@ -1,0 +1,177 @@
+"""Dynamic batching inside the predictor.
+
+KServe's Python server runs one model call per request, and its batcher sidecar speaks only the
+v1 protocol (kserve/kserve#2275). CMSSW's SONIC clients send batch-1 requests from many
+processes, so the server must merge them itself to use the accelerator well.
+
+Requests wait in a bounded queue. One worker task takes the oldest request, then keeps taking
+requests until the batch holds ``max_batch_size`` rows or the oldest request has waited
+``max_latency_ms``; the merged batch runs once, in a worker thread, and each caller gets exactly
+its own rows back. When the queue is full, :class:`QueueFull` is raised at once, so that latency
+stays bounded and the client can back off or go elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class QueueFull(RuntimeError):
+    """The batching queue is full; the request was not accepted (HTTP 503 / RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class _Pending:
+    rows: np.ndarray
+    future: asyncio.Future
+    enqueued_ns: int
+
+
+@dataclass
+class BatchStatistics:
+    """Cumulative counters in the units of Triton's ModelStatistics (counts and nanoseconds)."""
+
+    inference_count: int = 0  # rows inferred
+    execution_count: int = 0  # batches run
+    success_count: int = 0  # requests answered
+    fail_count: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    last_inference_ms: int = 0
+    batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # size -> [count, compute ns]
+
+
+class DynamicBatcher:
+    """Merge concurrent requests into batches for ``run_batch`` (rows in -> rows out)."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int = 16,
+        max_latency_ms: float = 5.0,
+        max_queue: int = 256,
+        on_batch: Callable[[int, float, float], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_latency_ms < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and max_latency_ms >= 0")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_latency_s = max_latency_ms / 1000
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self.stats = BatchStatistics()
+        self._queue: deque[_Pending] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        # One thread: batches run one after another, which is what an accelerator does anyway,
+        # and torch/OpenCL use their own threads inside a batch.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, rows: np.ndarray) -> np.ndarray:
+        """Queue ``rows`` ([n, ...], n <= max_batch_size) and return their outputs."""
+        if len(rows) > self.max_batch_size:
+            raise ValueError(f"{len(rows)} rows exceed the maximum batch size {self.max_batch_size}")
+        if len(self._queue) >= self.max_queue:
+            self.stats.fail_count += 1
+            raise QueueFull(f"the inference queue is full ({self.max_queue} requests waiting); retry later")
+        loop = asyncio.get_running_loop()
+        self._ensure_worker(loop)
+        pending = _Pending(rows, loop.create_future(), time.perf_counter_ns())
+        self._queue.append(pending)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await pending.future
+
+    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = loop.create_task(self._run(), name="dynamic-batcher")
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = await self._collect()
+            await self._execute(batch)
+
+    async def _collect(self) -> list[_Pending]:
+        """Take requests until the batch is full or the oldest one has waited max_latency."""
+        assert self._wakeup is not None
+        deadline = self._queue[0].enqueued_ns / 1e9 + self.max_latency_s
+        batch: list[_Pending] = []
+        rows = 0
+        while True:
+            while self._queue and rows + len(self._queue[0].rows) <= self.max_batch_size:
+                item = self._queue.popleft()
+                if item.future.cancelled():  # the caller gave up (deadline): skip its work
+                    continue
+                batch.append(item)
+                rows += len(item.rows)
+            remaining = deadline - time.perf_counter()
+            if rows >= self.max_batch_size or self._queue or remaining <= 0:
+                return batch
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        start_ns = time.perf_counter_ns()
+        merged = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, merged)
+        except Exception as exc:  # a failing batch fails its own callers, never the server
+            self.stats.fail_count += len(batch)
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        compute_ns = time.perf_counter_ns() - start_ns
+        self._record(batch, len(merged), start_ns, compute_ns)
+        offset = 0
+        for pending in batch:
+            n = len(pending.rows)
+            if not pending.future.done():
+                pending.future.set_result(outputs[offset : offset + n])
+            offset += n
+
+    def _record(self, batch: list[_Pending], size: int, start_ns: int, compute_ns: int) -> None:
+        stats = self.stats
+        stats.inference_count += size
+        stats.execution_count += 1
+        stats.success_count += len(batch)
+        queue_ns = sum(start_ns - p.enqueued_ns for p in batch)
+        stats.queue_ns += queue_ns
+        stats.compute_ns += compute_ns
+        stats.last_inference_ms = int(time.time() * 1000)
+        entry = stats.batch_sizes.setdefault(size, [0, 0])
+        entry[0] += 1
+        entry[1] += compute_ns
+        if self.on_batch is not None:
+            self.on_batch(size, compute_ns / 1e9, queue_ns / 1e9 / len(batch))
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(QueueFull("the server is shutting down"))
+        self._queue.clear()
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,125 @@
+"""The KServe predictor: ``TopTagger``, a :class:`kserve.Model` served as ``top-tagger``.
+
+Lifecycle (KServe's hooks):
+- ``load()`` resolves the model URI, builds the backend (torch or OpenCL) and the batcher. If
+  anything fails, the model stays registered but not ready, and the reason is kept for the
+  readiness answer and the log; the server itself stays up.
+- ``predict()`` validates the request against the :class:`~serving.contract.Contract`, renders
+  constituents into images with the training-time configuration, and waits for its rows from
+  the :class:`~serving.batching.DynamicBatcher`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from kserve import Model
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from components.errors import TaggerError
+from serving import metrics
+from serving.backends import Backend, load_backend
+from serving.batching import DynamicBatcher, QueueFull
+from serving.contract import CONSTITUENTS, DATATYPE, MODEL_NAME, PROBABILITIES, Contract
+from serving.errors import ServerOverloaded
+
+log = logging.getLogger("serving.predictor")
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch_size: int = 16
+    max_latency_ms: float = 5.0
+    max_queue: int = 256
+
+
+class TopTagger(Model):
+    """ResNet-50 top tagger behind the Open Inference Protocol v2, with dynamic batching."""
+
+    def __init__(
+        self,
+        model_uri: str,
+        backend: str = "torch",
+        batching: BatchingOptions | None = None,
+        fallback: str | None = None,
+        name: str = MODEL_NAME,
+    ) -> None:
+        super().__init__(name)
+        self.model_uri = model_uri
+        self.backend_name = backend
+        self.fallback = fallback
+        self.batching = batching or BatchingOptions()
+        self.backend: Backend | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.contract: Contract | None = None
+        self.not_ready_reason: str | None = "not loaded yet"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def load(self) -> bool:
+        try:
+            self.backend = load_backend(self.model_uri, self.backend_name, self.fallback)
+        except TaggerError as exc:
+            self.ready = False
+            self.not_ready_reason = f"cannot load model {self.model_uri!r} with backend {self.backend_name}: {exc}"
+            log.error(self.not_ready_reason)
+            return False
+        max_batch = min(self.batching.max_batch_size, self.backend.max_batch_size or self.batching.max_batch_size)
+        self.contract = Contract(self.backend.channels, self.backend.image_size, max_batch)
+        self.batcher = DynamicBatcher(
+            self.backend.predict,
+            max_batch_size=max_batch,
+            max_latency_ms=self.batching.max_latency_ms,
+            max_queue=self.batching.max_queue,
+            on_batch=metrics.observe_batch,
+        )
+        self.ready = True
+        self.not_ready_reason = None
+        log.info(
+            "model %s ready: backend %s, input [N, %d, %d, %d], max batch %d",
+            self.model_uri,
+            self.backend.description,
+            self.backend.channels,
+            self.backend.image_size,
+            self.backend.image_size,
+            max_batch,
+        )
+        return True
+
+    def stop(self) -> None:
+        self.ready = False
+        self.not_ready_reason = "stopped"
+
+    # --- metadata -------------------------------------------------------------------------------
+    def get_input_types(self) -> list[dict]:
+        return [spec.as_v2() for spec in self.contract.inputs] if self.contract else []
+
+    def get_output_types(self) -> list[dict]:
+        return [spec.as_v2() for spec in self.contract.outputs] if self.contract else []
+
+    # --- inference ------------------------------------------------------------------------------
+    async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferResponse:
+        if not isinstance(payload, InferRequest):
+            raise InvalidInput("the top tagger speaks the v2 (Open Inference) protocol only")
+        assert self.contract is not None and self.batcher is not None and self.backend is not None
+        name, array = self.contract.parse(payload)
+        images = self.backend.render(array) if name == CONSTITUENTS else array
+        metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
+        try:
+            probabilities = await self.batcher.submit(images)
+        except QueueFull as exc:
+            raise ServerOverloaded(str(exc)) from None
+        output = InferOutput(PROBABILITIES, list(probabilities.shape), DATATYPE)
+        # KServe re-encodes outputs on the way out: binary (the binary tensor extension) when the
+        # client asked for it per output or with binary_data_output, JSON otherwise.
+        output.set_data_from_numpy(np.ascontiguousarray(probabilities, dtype=np.float32), binary_data=False)
+        return InferResponse(
+            response_id=payload.id or (headers or {}).get("x-request-id") or str(uuid.uuid4()),
+            model_name=self.name,
+            infer_outputs=[output],
+            use_binary_outputs=payload.use_binary_outputs,
+            requested_outputs=payload.request_outputs,
+        )

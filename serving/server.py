@@ -1,0 +1,269 @@
+"""KServe's ModelServer, extended where the tagger needs more than the stock server gives.
+
+- gRPC: the same port also answers Triton's ``ModelConfig`` and ``ModelStatistics`` (see
+  :mod:`serving.triton`), so CMSSW's SONIC ``TritonClient`` works unchanged; a lean interceptor
+  counts requests and latencies instead of KServe's per-request INFO log line.
+- REST: a body-size cap, a request id on every answer, per-protocol metrics, and readiness
+  answers that say *why* the model is not ready.
+- A model that fails to load is still registered, so the server comes up not ready and says
+  why, instead of exiting (which a crash-looping pod would hide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from grpc import aio
+from kserve import ModelServer
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+
+from serving import metrics, triton
+from serving.errors import ServerOverloaded
+from serving.predictor import TopTagger
+
+log = logging.getLogger("serving.server")
+access = logging.getLogger("serving.access")
+DEFAULT_MAX_BODY = 64 * 1024 * 1024  # 64 MiB: 100 images of 224x224x3 fp32, far above any sane batch
+INFER_SUFFIX = "/infer"
+
+
+# --- REST ---------------------------------------------------------------------------------------
+class RestGuard:
+    """Pure-ASGI middleware: body cap, request id, per-request metrics and access log.
+
+    Pure ASGI rather than Starlette's BaseHTTPMiddleware: it adds no task or copy per request on
+    the hot path.
+    """
+
+    def __init__(self, app: Callable, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await _send_json(send, 413, {"error": f"request body of {int(declared)} bytes exceeds {self.max_body}"})
+            return
+        received = 0
+
+        async def capped_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise _BodyTooLarge
+            return message
+
+        status = 500
+        is_infer = scope["path"].endswith(INFER_SUFFIX)
+        start = time.perf_counter()
+
+        async def tagged_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, tagged_send)
+        except _BodyTooLarge:
+            status = 413
+            await _send_json(send, 413, {"error": f"request body exceeds {self.max_body} bytes"})
+        if is_infer:
+            elapsed = time.perf_counter() - start
+            metrics.REQUESTS.labels("rest", str(status)).inc()
+            metrics.REQUEST_LATENCY.labels("rest").observe(elapsed)
+            if status >= 400 or access.isEnabledFor(logging.DEBUG):
+                access.log(
+                    logging.WARNING if status >= 400 else logging.DEBUG,
+                    json.dumps(
+                        {
+                            "protocol": "rest",
+                            "path": scope["path"],
+                            "status": status,
+                            "latency_ms": round(elapsed * 1e3, 3),
+                            "request_id": request_id,
+                        }
+                    ),
+                )
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_json(send: Callable, status: int, body: dict) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int) -> None:
+    """Routes and handlers added to KServe's FastAPI app before KServe adds its own.
+
+    Starlette matches routes in order, so these readiness routes answer first.
+    """
+
+    async def server_ready() -> JSONResponse:
+        if model.ready:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "reason": model.not_ready_reason}, status_code=503)
+
+    async def model_ready(model_name: str) -> JSONResponse:
+        if model_name != model.name:
+            return JSONResponse({"error": f"unknown model '{model_name}'; this server serves '{model.name}'"}, 404)
+        return await server_ready()
+
+    app.add_api_route("/v2/health/ready", server_ready, methods=["GET"])
+    app.add_api_route("/v2/models/{model_name}/ready", model_ready, methods=["GET"])
+
+    async def overloaded(_: Request, exc: ServerOverloaded) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"retry-after": "1"})
+
+    async def bad_request(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"malformed request: {_short(exc)}"}, status_code=400)
+
+    app.add_exception_handler(ServerOverloaded, overloaded)
+    app.add_exception_handler(RequestValidationError, bad_request)
+    app.add_exception_handler(json.JSONDecodeError, bad_request)
+    app.add_middleware(RestGuard, max_body=max_body)
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return f"{first.get('msg', 'invalid body')} at {where}" if where else str(first.get("msg", exc))
+    return str(exc)
+
+
+# --- gRPC ---------------------------------------------------------------------------------------
+class MetricsInterceptor(aio.ServerInterceptor):
+    """Counts gRPC inference calls by status and records their latency."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.endswith("/ModelInfer") or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def timed(request: Any, context: aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            status = "OK"
+            try:
+                return await inner(request, context)
+            except BaseException:
+                status = "ERROR"
+                raise
+            finally:
+                code = context.code() if status == "OK" else None
+                metrics.REQUESTS.labels("grpc", code.name if code else status).inc()
+                metrics.REQUEST_LATENCY.labels("grpc").observe(time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            timed, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+class TaggerGRPCServer(GRPCServer):
+    """KServe's gRPC server plus Triton's ModelConfig/ModelStatistics on the same service."""
+
+    def __init__(self, *args: Any, model: TopTagger, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model = model
+
+    async def start(self, max_workers: int) -> None:
+        options = [
+            ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+            ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+        ]
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            # Order matters: exceptions are turned into status codes inside the metrics timer.
+            interceptors=(MetricsInterceptor(), ExceptionToStatusInterceptor()),
+            options=options,
+        )
+        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        # A second generic handler for the same service: gRPC asks KServe's first, and falls back
+        # to this one for the methods KServe does not define.
+        self._server.add_generic_rpc_handlers((triton.handler(self.model),))
+        self._server.add_insecure_port(f"[::]:{self._port}")
+        log.info("gRPC (KServe v2 + Triton ModelConfig/ModelStatistics) on port %d", self._port)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+class TaggerModelServer(ModelServer):
+    """ModelServer that serves one :class:`TopTagger`, ready or not."""
+
+    def __init__(self, model: TopTagger, max_body: int = DEFAULT_MAX_BODY, **kwargs: Any) -> None:
+        kwargs.setdefault("enable_latency_logging", False)  # one INFO line per request costs throughput
+        super().__init__(**kwargs)
+        self.model = model
+        self.max_body = max_body
+
+    def start(self, models: list[Any] | None = None) -> None:  # type: ignore[override]
+        from kserve.model_server import app
+        from kserve.protocol.rest.server import RESTServer
+
+        model = self.model
+        self.register_model(model)  # registered even when not ready: readiness says why
+        model.enable_latency_logging = self.enable_latency_logging
+        install_rest_extensions(app, model, self.max_body)
+        self._rest_server = RESTServer(
+            "kserve.model_server:app",
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            access_log_format=self.access_log_format,
+            workers=1,
+            grace_period=self.grace_period,
+            event_loop=self.event_loop,
+            timeout_keep_alive=self.timeout_keep_alive,
+        )
+        self.servers.append(self._rest_server.start())
+        if self.enable_grpc:
+            from kserve.model_server import args as kserve_args
+
+            self._grpc_server = TaggerGRPCServer(
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs=vars(kserve_args),
+                grace_period=self.grace_period,
+                model=model,
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())

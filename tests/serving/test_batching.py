@@ -1,0 +1,118 @@
+"""The dynamic batcher on its own: merging, ownership of rows, backpressure, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batching import DynamicBatcher, QueueFull
+
+
+def row_sums(batch: np.ndarray) -> np.ndarray:
+    """A 'model' whose every output row identifies its input row."""
+    return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)
+
+
+def test_concurrent_requests_are_merged_and_each_caller_gets_its_rows() -> None:
+    sizes: list[int] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        time.sleep(0.01)
+        return row_sums(batch)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=8, max_latency_ms=20, max_queue=100)
+        rng = np.random.default_rng(0)
+        requests = [rng.normal(size=(int(rng.integers(1, 4)), 3)).astype(np.float32) for _ in range(40)]
+        answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        for request, answer in zip(requests, answers, strict=True):
+            np.testing.assert_allclose(answer, row_sums(request), rtol=1e-6)
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert max(sizes) <= 8
+    assert len(sizes) < 40, "requests must have been merged"
+
+
+def test_a_lone_request_waits_at_most_max_latency() -> None:
+    async def scenario() -> float:
+        batcher = DynamicBatcher(row_sums, max_batch_size=64, max_latency_ms=30, max_queue=10)
+        start = time.perf_counter()
+        await batcher.submit(np.ones((1, 2), np.float32))
+        await batcher.close()
+        return time.perf_counter() - start
+
+    # Not a timing assertion on the machine's speed: the batch can never fill, so without the
+    # latency bound this would hang; the generous bound only catches a missing timeout.
+    assert asyncio.run(asyncio.wait_for(scenario(), timeout=10)) < 5
+
+
+def test_full_queue_answers_at_once() -> None:
+    release = threading.Event()
+
+    def slow(batch: np.ndarray) -> np.ndarray:
+        release.wait(10)
+        return row_sums(batch)
+
+    async def scenario() -> tuple[int, int]:
+        batcher = DynamicBatcher(slow, max_batch_size=1, max_latency_ms=0, max_queue=3)
+        first = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32)))
+        await asyncio.sleep(0.05)  # the first request is now running, the queue is empty
+        waiting = [asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32))) for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="queue is full"):
+            await batcher.submit(np.ones((1, 1), np.float32))
+        release.set()
+        done = await asyncio.gather(first, *waiting)
+        await batcher.close()
+        return len(done), batcher.stats.fail_count
+
+    answered, failed = asyncio.run(scenario())
+    assert answered == 4 and failed == 1
+
+
+def test_a_failing_batch_fails_only_its_callers_and_the_batcher_keeps_going() -> None:
+    def sometimes(batch: np.ndarray) -> np.ndarray:
+        if (batch < 0).any():
+            raise RuntimeError("device error")
+        return row_sums(batch)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(sometimes, max_batch_size=1, max_latency_ms=0, max_queue=10)
+        with pytest.raises(RuntimeError, match="device error"):
+            await batcher.submit(-np.ones((1, 1), np.float32))
+        good = await batcher.submit(np.full((1, 2), 2, np.float32))
+        np.testing.assert_allclose(good, [[4.0]])
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_statistics_count_rows_and_batches() -> None:
+    async def scenario() -> DynamicBatcher:
+        batcher = DynamicBatcher(row_sums, max_batch_size=4, max_latency_ms=50, max_queue=10)
+        await asyncio.gather(*(batcher.submit(np.ones((1, 1), np.float32)) for _ in range(8)))
+        await batcher.close()
+        return batcher
+
+    stats = asyncio.run(scenario()).stats
+    assert stats.inference_count == 8
+    assert stats.success_count == 8
+    assert stats.execution_count == sum(count for count, _ in stats.batch_sizes.values())
+    assert stats.execution_count < 8
+    assert set(stats.batch_sizes) <= {1, 2, 3, 4}
+
+
+def test_oversized_request_is_refused() -> None:
+    async def scenario() -> None:
+        batcher = DynamicBatcher(row_sums, max_batch_size=2)
+        with pytest.raises(ValueError, match="exceed the maximum batch size 2"):
+            await batcher.submit(np.ones((3, 1), np.float32))
+        await batcher.close()
+
+    asyncio.run(scenario())
