@@ -1,0 +1,161 @@
+"""OpenCL device discovery and selection: ACCELERATOR (FPGA) first, then GPU, then CPU.
+
+A device can be pinned by name with ``device=`` or the environment variable
+``TOPTAGGER_OPENCL_DEVICE``: ``"SUBSTRING"`` matches the platform or device name, ``"PLATFORM:DEVICE"``
+matches both parts, case-insensitive.
+
+    python -m fpga_runtime.devices          # list devices and the one the engine would pick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyopencl as cl
+
+from fpga_runtime.errors import POCL_HINT, NoDeviceError
+
+ENV_DEVICE = "TOPTAGGER_OPENCL_DEVICE"
+TYPE_ORDER = ("ACCELERATOR", "GPU", "CPU")
+
+
+def _writable(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+def ensure_pocl_cache() -> str:
+    """Point PoCL at a writable kernel cache before the first OpenCL call; returns the directory.
+
+    PoCL silently reports *no device* when it cannot write its cache (default under $HOME), which
+    happens in read-only containers. A caller's writable POCL_CACHE_DIR is kept as it is.
+    """
+    current = os.environ.get("POCL_CACHE_DIR")
+    if current and _writable(Path(current)):
+        return current
+    candidates = [Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "top-tagger" / "pocl",
+                  Path(tempfile.gettempdir()) / f"top-tagger-pocl-{os.getuid()}"]
+    for path in candidates:
+        if _writable(path):
+            os.environ["POCL_CACHE_DIR"] = str(path)
+            if not os.environ.get("XDG_CACHE_HOME") or not _writable(Path(os.environ["XDG_CACHE_HOME"])):
+                os.environ["XDG_CACHE_HOME"] = str(path.parent.parent)
+            return str(path)
+    return current or ""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the engine needs to know about one device, without holding it open."""
+
+    platform: str
+    name: str
+    kind: str
+    version: str
+    driver: str
+    compute_units: int
+    global_mem: int
+    fp16: bool
+    index: tuple[int, int]
+
+    def label(self) -> str:
+        return f"{self.platform} : {self.name}"
+
+
+def device_kind(device: cl.Device) -> str:
+    for kind in TYPE_ORDER:
+        if device.type & getattr(cl.device_type, kind):
+            return kind
+    return "OTHER"
+
+
+def describe(device: cl.Device, index: tuple[int, int] = (-1, -1)) -> DeviceInfo:
+    return DeviceInfo(platform=device.platform.name.strip(), name=device.name.strip(), kind=device_kind(device),
+                      version=device.version.strip(), driver=device.driver_version.strip(),
+                      compute_units=device.max_compute_units, global_mem=device.global_mem_size,
+                      fp16="cl_khr_fp16" in device.extensions.split(), index=index)
+
+
+def all_devices() -> list[tuple[DeviceInfo, cl.Device]]:
+    """Every device of every platform; NoDeviceError (with the PoCL cache hint) when there is none."""
+    ensure_pocl_cache()
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error as exc:
+        raise NoDeviceError(f"no OpenCL platform found ({exc}). Is an ICD installed? {POCL_HINT}") from None
+    found = []
+    for pi, platform in enumerate(platforms):
+        try:
+            devices = platform.get_devices()
+        except cl.Error:
+            continue  # a platform with no devices raises DEVICE_NOT_FOUND; others may still have some
+        found.extend((describe(d, (pi, di)), d) for di, d in enumerate(devices))
+    if not found:
+        raise NoDeviceError(
+            f"OpenCL platforms {[p.name for p in platforms]} report no devices. {POCL_HINT} "
+            f"(now POCL_CACHE_DIR={os.environ.get('POCL_CACHE_DIR')!r})"
+        )
+    return found
+
+
+def _matches(info: DeviceInfo, pin: str) -> bool:
+    pin = pin.lower().strip()
+    if ":" in pin:
+        plat, dev = (s.strip() for s in pin.split(":", 1))
+        return plat in info.platform.lower() and dev in info.name.lower()
+    return pin in info.name.lower() or pin in info.platform.lower()
+
+
+def select_device(pin: str | None = None) -> tuple[DeviceInfo, cl.Device]:
+    """The device the engine runs on: ``pin`` (or $TOPTAGGER_OPENCL_DEVICE) if given, else by type order."""
+    found = all_devices()
+    pin = pin if pin is not None else os.environ.get(ENV_DEVICE) or None
+    if pin:
+        matching = [f for f in found if _matches(f[0], pin)]
+        if not matching:
+            names = "; ".join(info.label() for info, _ in found)
+            raise NoDeviceError(f"no OpenCL device matches {pin!r} (from device= or ${ENV_DEVICE}); available: {names}")
+        found = matching
+    rank = {kind: i for i, kind in enumerate(TYPE_ORDER)}
+    return min(found, key=lambda f: (rank.get(f[0].kind, len(rank)), f[0].index))
+
+
+def readiness(pin: str | None = None) -> tuple[bool, str]:
+    """(ready, reason) for a server's readiness probe; never raises for a missing device."""
+    try:
+        info, _ = select_device(pin)
+    except NoDeviceError as exc:
+        return False, str(exc)
+    return True, f"OpenCL device {info.label()} ({info.kind})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fpga_runtime.devices", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", help=f"pin a device by name (default: ${ENV_DEVICE})")
+    args = parser.parse_args(argv)
+    found = all_devices()
+    picked, _ = select_device(args.device)
+    print(f"POCL_CACHE_DIR={os.environ.get('POCL_CACHE_DIR', '')}")
+    for info, _ in found:
+        mark = "*" if info == picked else " "
+        print(f"{mark} [{info.index[0]}.{info.index[1]}] {info.kind:<11} {info.label()} | {info.version} | "
+              f"{info.compute_units} CU | {info.global_mem / 2**30:.1f} GiB | fp16={'yes' if info.fp16 else 'no'}")
+    print(f"would pick: {picked.label()} ({picked.kind})")
+    return 0
+
+
+if __name__ == "__main__":
+    from components.cli import run_cli
+
+    raise SystemExit(run_cli(main))

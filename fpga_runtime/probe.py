@@ -1,0 +1,167 @@
+"""Start-up probes: run risky kernels in a child process, so that a crash inside the OpenCL driver
+(PoCL aborts in LLVM on some vector types, and segfaults on a truncated binary) becomes a
+:class:`KernelProbeError` in the server instead of killing it.
+
+``probe_engine_kernels`` builds the engine's kernels for one device, precision and tile set in a
+child, runs every kernel through a small residual network and checks the logits against the torch
+reference. ``probe_source`` runs one kernel of an arbitrary .cl file. Both are also a CLI:
+
+    python -m fpga_runtime.probe engine --precision int8
+    python -m fpga_runtime.probe source suspect.cl --kernel k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fpga_runtime import errors
+from fpga_runtime.devices import DeviceInfo
+
+DEFAULT_TIMEOUT_S = 300.0
+# Worst acceptable relative error of the probe network: the narrow modes are compared with their own
+# emulation in the reference, so only gross failures (wrong kernel, garbage memory) exceed these.
+TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "int8": 5e-2, "bfp8": 5e-2}
+
+_lock = threading.Lock()
+_passed: set[tuple[Any, ...]] = set()
+
+
+def _run_child(args: list[str], what: str, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "fpga_runtime.probe", *args]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise errors.KernelProbeError(f"{what}: probe did not finish within {timeout:.0f} s") from None
+    tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        raise errors.KernelProbeError(f"{what}: the probe process died with {sig}; the kernels would crash "
+                                      f"this process too. Last output:\n{tail}")
+    lines = [ln for ln in (proc.stdout or "").splitlines() if ln.startswith("{")]
+    if not lines:
+        raise errors.KernelProbeError(f"{what}: probe exited with status {proc.returncode} without a result:\n{tail}")
+    result = json.loads(lines[-1])
+    if not result.get("ok"):
+        cls = getattr(errors, str(result.get("error_type")), errors.KernelProbeError)
+        if not (isinstance(cls, type) and issubclass(cls, errors.OpenCLRuntimeError)):
+            cls = errors.KernelProbeError
+        raise cls(f"{what}: {result.get('message')}")
+    return result
+
+
+def probe_engine_kernels(info: DeviceInfo, precision: str, tiles: Any, binary_dir: Path | None,
+                         timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any] | None:
+    """Probe the engine kernels for (device, precision, tiles) once per process; raises on failure."""
+    key = (info.platform, info.name, precision, tiles, str(binary_dir))
+    with _lock:
+        if key in _passed:
+            return None
+    args = ["engine", "--device", f"{info.platform}:{info.name}", "--precision", precision,
+            "--mr", str(tiles.mr), "--vw", str(tiles.vw), "--wg-rows", str(tiles.wg_rows),
+            "--wg-panels", str(tiles.wg_panels)]
+    if binary_dir is not None:
+        args += ["--binary-dir", str(binary_dir)]
+    result = _run_child(args, f"{precision} kernels on {info.label()}", timeout)
+    with _lock:
+        _passed.add(key)
+    return result
+
+
+def probe_source(path: str | Path, kernel: str, device: str | None = None, options: str = "",
+                 timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Build ``path`` and launch ``kernel(float* buf)`` over 64 items in a child process."""
+    args = ["source", str(path), "--kernel", kernel, "--options", options]
+    if device:
+        args += ["--device", device]
+    return _run_child(args, f"kernel {kernel} of {path}", timeout)
+
+
+# ---- child side -----------------------------------------------------------------------------------
+
+
+def _child_engine(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from fpga_runtime.engine import Engine
+    from fpga_runtime.export import export_model
+    from fpga_runtime.program import Tiles
+    from fpga_runtime.reference import run_reference
+
+    torch.manual_seed(0)
+    # A one-block-per-stage bottleneck ResNet with narrow inner widths: every kernel, stride,
+    # padding and epilogue of resnet50, at a fraction of the weights.
+    model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=2, width_per_group=16).eval()
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = export_model(model, Path(tmp) / "pkg", [args.precision], image_size=32, calibration=images)
+        engine = Engine.from_package(pkg, device=args.device, precision=args.precision, probe=False,
+                                     tiles=Tiles(args.mr, args.vw, args.wg_rows, args.wg_panels),
+                                     use_binary=args.binary_dir is not None, binary_dir=args.binary_dir,
+                                     allow_fp16_emulation=True)
+        got = engine.logits(images)
+        ref = run_reference(engine.package.plan, engine.package.weights(args.precision), args.precision, images)
+    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+    if not np.isfinite(got).all() or err > TOLERANCE[args.precision]:
+        return {"ok": False, "error_type": "KernelProbeError",
+                "message": f"kernels ran but computed wrong logits (relative error {err:.2e})"}
+    return {"ok": True, "max_rel_error": err}
+
+
+def _child_source(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import pyopencl as cl
+
+    from fpga_runtime.devices import select_device
+    from fpga_runtime.program import build_from_source, shared_context
+
+    _, device = select_device(args.device)
+    ctx = shared_context(device)
+    program = build_from_source(ctx, device, args.options, Path(args.path).read_text())
+    queue = cl.CommandQueue(ctx, device)
+    buf = cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=np.zeros(1024, np.float32))
+    getattr(program, args.kernel)(queue, (64,), None, buf)
+    queue.finish()
+    return {"ok": True}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fpga_runtime.probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    eng = sub.add_parser("engine", help="probe the engine kernels of one precision")
+    eng.add_argument("--device", help="device pin (default: automatic selection)")
+    eng.add_argument("--precision", default="fp32", choices=tuple(TOLERANCE))
+    for name, default in (("--mr", 12), ("--vw", 16), ("--wg-rows", 1), ("--wg-panels", 8)):
+        eng.add_argument(name, type=int, default=default)
+    eng.add_argument("--binary-dir", help="load prebuilt binaries from here instead of compiling")
+    src = sub.add_parser("source", help="build one .cl file and run one kernel(float*) of it")
+    src.add_argument("path")
+    src.add_argument("--kernel", required=True)
+    src.add_argument("--device")
+    src.add_argument("--options", default="")
+    args = parser.parse_args(argv)
+    try:
+        result = _child_engine(args) if args.mode == "engine" else _child_source(args)
+    except errors.OpenCLRuntimeError as exc:
+        result = {"ok": False, "error_type": type(exc).__name__, "message": str(exc)}
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
