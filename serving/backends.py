@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from components.errors import ConfigError, TaggerError
-from components.images import ImageConfig, three_channels
+from components.images import ImageConfig
 from components.model_store import fetch_model_dir
 
 log = logging.getLogger("serving.backends")
 BACKENDS = ("torch", "opencl")
+OPENCL_PACKAGE = "opencl"  # the fpga_runtime export inside a model folder
 
 
 class Backend(ABC):
@@ -34,33 +35,35 @@ class Backend(ABC):
         return self.image_config.image_size
 
     def render(self, constituents: np.ndarray) -> np.ndarray:
-        """Constituents [N, 200, 4] -> images [N, C, S, S], exactly as in training."""
+        """Constituents [N, 200, 4] -> images [N, 1, S, S], exactly as in training."""
         try:
-            images = self.image_config.render(constituents)
+            return self.image_config.render(constituents)
         except TaggerError as exc:
             from kserve.errors import InvalidInput
 
             raise InvalidInput(f"input 'constituents': {exc}") from None
-        return three_channels(images) if self.channels == 3 else images
 
     @abstractmethod
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Images float32 [N, C, S, S] -> probabilities float32 [N, 2] (qcd, top)."""
+        """Images float32 [N, C, S, S] (C = 1, or the model's 3) -> probabilities [N, 2] (qcd, top)."""
 
 
 class TorchBackend(Backend):
     def __init__(self, model_dir: Path, device: str | None = None, threads: int | None = None) -> None:
         import torch
+        from torchvision.models.resnet import ResNet
 
-        from components.model import load_tagger
+        from components.model import load_model
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if threads:
             torch.set_num_threads(threads)
-        tagger = load_tagger(model_dir)
-        self.model = tagger.model.to(self.device).eval()
-        self.image_config = tagger.image_config
-        self.channels = tagger.in_channels
+        self.model = load_model(model_dir).to(self.device).eval()
+        self.image_config = self.model.config.image
+        self.channels = self.model.config.in_channels
+        # 3-channel images (the paper's CMSSW producer sends 3 copies) go straight into the
+        # ResNet; 1-channel images go through the tagger, which expands them as a view.
+        self._forward_rgb = ResNet.forward.__get__(self.model)
         self.description = f"torch on {self.device}"
         self._torch = torch
 
@@ -68,25 +71,31 @@ class TorchBackend(Backend):
         torch = self._torch
         with torch.inference_mode():
             batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-            return torch.softmax(self.model(batch), dim=1).float().cpu().numpy()
+            logits = self.model(batch) if batch.shape[1] == 1 else self._forward_rgb(batch)
+            return torch.softmax(logits, dim=1).float().cpu().numpy()
 
 
 class OpenCLBackend(Backend):
-    def __init__(self, model_dir: Path, device: str | None = None) -> None:
-        from components.model import read_tagger_config
+    def __init__(self, model_dir: Path, device: str | None = None, precision: str = "fp32") -> None:
+        from components.model import read_config
         from fpga_runtime import Engine
 
-        config = read_tagger_config(model_dir)
-        package = model_dir / "opencl"
+        config = read_config(model_dir)
+        package = model_dir / OPENCL_PACKAGE
         if not (package / "plan.json").exists():
-            raise ConfigError(f"{model_dir}: no OpenCL package (opencl/plan.json); export it with fpga_runtime.export")
-        self.engine = Engine.from_package(package, device=device)
-        self.image_config = config.image_config
-        self.channels = config.in_channels
-        self.max_batch_size = getattr(self.engine, "max_batch_size", None)
-        self.description = f"opencl on {self.engine.device_description}"
+            raise ConfigError(
+                f"{model_dir}: no OpenCL package ({OPENCL_PACKAGE}/plan.json); "
+                "export one with python -m fpga_runtime.export"
+            )
+        self.engine = Engine.from_package(package, device=device, precision=precision)
+        self.image_config = config.image
+        self.channels = self.engine.input_shape[0]
+        self.max_batch_size = self.engine.max_batch_size
+        self.description = f"opencl ({precision}) on {self.engine.device.name}"
 
     def predict(self, images: np.ndarray) -> np.ndarray:
+        if images.shape[1] != self.channels:  # 1-channel images for a 3-channel network
+            images = np.broadcast_to(images, (images.shape[0], self.channels, *images.shape[2:]))
         return self.engine.predict(np.ascontiguousarray(images, dtype=np.float32))
 
 

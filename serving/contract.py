@@ -1,7 +1,9 @@
 """The served model's tensor contract, and the checks every request goes through.
 
 Inputs (one per request, FP32):
-- ``images``: ``[N, C, S, S]`` jet images, as the model was trained on;
+- ``images``: ``[N, C, S, S]`` jet images at the model's size; C is the model's channel count (3
+  for the paper's ResNet-50, whose CMSSW producer sends three copies), and one channel is accepted
+  too, since the network expands it itself;
 - ``constituents``: ``[N, 200, 4]`` (E, px, py, pz) four-vectors; the server renders them with the
   same :func:`components.images.jet_images` configuration as training. This moves 3.2 kB per jet
   instead of 602 kB for a 224x224x3 image.
@@ -70,6 +72,8 @@ class Contract:
             raise InvalidInput(f"input '{tensor.name}' must be {DATATYPE}, got {tensor.datatype}")
         shape = [int(d) for d in tensor.shape]
         expected = [-1, *spec.dims]
+        if tensor.name == IMAGES and len(shape) == 4 and shape[1] == 1:
+            expected[1] = 1  # a single channel is always fine
         if len(shape) != len(expected) or any(e != -1 and s != e for s, e in zip(shape, expected, strict=True)):
             raise InvalidInput(f"input '{tensor.name}' must have shape {expected} (-1 = batch), got {shape}")
         if shape[0] < 1:

@@ -26,6 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from grpc import aio
 from kserve import ModelServer
+from kserve.errors import InvalidInput
+from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.server import GRPCServer
@@ -162,6 +164,22 @@ def _short(exc: Exception) -> str:
     return str(exc)
 
 
+class TaggerDataPlane(DataPlane):
+    """KServe's data plane, with payload decoding failures answered as 400, not 500.
+
+    A binary payload shorter than its declared shape fails inside KServe's decoder with a bare
+    ValueError, which its REST layer turns into a 500.
+    """
+
+    def decode(self, body: Any, headers: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().decode(body, headers, *args, **kwargs)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            if isinstance(exc, InvalidInput):
+                raise
+            raise InvalidInput(f"the request body does not decode as a v2 inference request: {exc}") from None
+
+
 # --- gRPC ---------------------------------------------------------------------------------------
 class MetricsInterceptor(aio.ServerInterceptor):
     """Counts gRPC inference calls by status and records their latency."""
@@ -229,8 +247,13 @@ class TaggerModelServer(ModelServer):
     def __init__(self, model: TopTagger, max_body: int = DEFAULT_MAX_BODY, **kwargs: Any) -> None:
         kwargs.setdefault("enable_latency_logging", False)  # one INFO line per request costs throughput
         super().__init__(**kwargs)
+        self.dataplane = TaggerDataPlane(model_registry=self.registered_models)
         self.model = model
         self.max_body = max_body
+        # Per-request INFO lines from uvicorn and KServe's timing middleware cost throughput;
+        # our own access log keeps errors (and every request at DEBUG).
+        for name in ("uvicorn.access", "kserve.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     def start(self, models: list[Any] | None = None) -> None:  # type: ignore[override]
         from kserve.model_server import app
