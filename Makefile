@@ -15,8 +15,11 @@ export MPLBACKEND ?= Agg
 
 .PHONY: help venv test lint demo bench-data lock clean
 
+# Container images (build and push when a container engine exists): make images, make push-images
+include manifests/images.mk
+
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 venv: $(STAMP)  ## create .venv and install the pinned requirements
 

@@ -32,6 +32,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
+from starlette.exceptions import HTTPException
 
 from serving import metrics, triton
 from serving.errors import ServerOverloaded
@@ -150,7 +151,13 @@ def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int) -> No
     async def bad_request(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": f"malformed request: {_short(exc)}"}, status_code=400)
 
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        # Same {"error": ...} shape as KServe's own answers (FastAPI's default says "detail").
+        prefix = "malformed request: " if exc.status_code == 400 else ""
+        return JSONResponse({"error": f"{prefix}{exc.detail}"}, status_code=exc.status_code, headers=exc.headers)
+
     app.add_exception_handler(ServerOverloaded, overloaded)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_exception_handler(json.JSONDecodeError, bad_request)
     app.add_middleware(RestGuard, max_body=max_body)
