@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from components.errors import ConfigError, TaggerError
 
 REPO = Path(__file__).resolve().parents[1]
 READY_PATH = "/v2/health/ready"
+LIVE_PATH = "/v2/health/live"
 MODEL_NAME = "top-tagger"
 
 
@@ -47,6 +49,18 @@ class LocalPredictor:
     @property
     def grpc_target(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_target(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """The form :class:`serving.client.TaggerClient` takes."""
+        return f"grpc://{self.grpc_target}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     @property
     def infer_url(self) -> str:
@@ -92,6 +106,14 @@ def _readiness(url: str) -> tuple[bool, str | None]:
         return False, None
 
 
+def _live(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + LIVE_PATH, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
 def _log_tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -105,11 +127,17 @@ def start_local(
     http_port: int = 8080,
     grpc_port: int = 8081,
     backend: str | None = None,
+    extra_args: Sequence[str] = (),
     timeout_s: float = 300.0,
     env: dict[str, str] | None = None,
     python: str = sys.executable,
+    wait_ready: bool = True,
 ) -> LocalPredictor:
     """Start ``python -m serving`` on ``model_uri`` and return once it is ready.
+
+    ``extra_args`` go to the predictor's command line (batching options, ``--fallback``, ...).
+    With ``wait_ready=False`` it returns as soon as the server is live, ready or not: for callers
+    that want to look at a server that cannot load its model.
 
     The server's output goes to a log file (its path is in the result and in every error), so
     that a chatty server can never block on a full pipe.
@@ -125,6 +153,7 @@ def start_local(
     command += ["--grpc-port", str(grpc_port)]
     if backend:
         command += ["--backend", backend]
+    command += list(extra_args)
     process_env = {**os.environ, "PROTOCOL": "v2", **(env or {})}
     # Keep the repository importable whatever the caller's working directory is.
     process_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), process_env.get("PYTHONPATH")]))
@@ -141,7 +170,7 @@ def start_local(
                 f"(log {log_path}):\n{_log_tail(log_path)}"
             )
         ready, why = _readiness(predictor.url)
-        if ready:
+        if ready or (not wait_ready and (why is not None or _live(predictor.url))):
             return predictor
         # The predictor loads its model before it listens, so a 503 with a reason other than
         # "not loaded yet" is final (e.g. the model cannot be read): no point waiting for it.

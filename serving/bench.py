@@ -36,6 +36,7 @@ import numpy as np
 from components.cli import run_cli
 from components.errors import ConfigError
 from components.jetdata import N_CONSTITUENTS
+from components.local_serving import start_local
 from serving.client import InferenceFailed, TaggerClient
 
 PAPER_IMAGE_BYTES = 224 * 224 * 3 * 4
@@ -75,9 +76,14 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(module: str, model_uri: str, extra: Sequence[str] = (), timeout: float = 180) -> Iterator[dict]:
     """Start ``python -m <module>`` on free ports; yield its URLs; stop it afterwards."""
+    http, grpc = free_port(), free_port()
+    if module == "serving":
+        with start_local(model_uri, http_port=http, grpc_port=grpc, extra_args=extra, timeout_s=timeout) as server:
+            yield {"grpc": server.grpc_url, "rest": server.url}
+        return
+    # The stock-KServe peer: a plain ModelServer, which only becomes reachable once loaded.
     import httpx
 
-    http, grpc = free_port(), free_port()
     command = [
         sys.executable,
         "-m",
@@ -89,8 +95,7 @@ def running_server(module: str, model_uri: str, extra: Sequence[str] = (), timeo
         "--grpc-port",
         str(grpc),
     ]
-    log = open(os.devnull, "w")  # noqa: SIM115  (closed below)
-    process = subprocess.Popen([*command, *extra], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([*command, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -102,14 +107,13 @@ def running_server(module: str, model_uri: str, extra: Sequence[str] = (), timeo
             if time.monotonic() > deadline:
                 raise ConfigError(f"{module} not ready after {timeout} s")
             time.sleep(0.2)
-        yield {"grpc": f"grpc://127.0.0.1:{grpc}", "rest": f"http://127.0.0.1:{http}", "process": process}
+        yield {"grpc": f"grpc://127.0.0.1:{grpc}", "rest": f"http://127.0.0.1:{http}"}
     finally:
         process.terminate()
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
-        log.close()
 
 
 def percentiles(latencies: list[float]) -> tuple[float, float, float]:

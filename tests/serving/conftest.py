@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from components.images import ImageConfig
+from components.local_serving import LocalPredictor as Server
+from components.local_serving import start_local
 from components.model import TaggerConfig, build_model, save_model
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port
 
 IMAGE_SIZE = 32
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen
-    http: str
-    grpc: str
-    log: Path
-
-    @property
-    def rest_url(self) -> str:
-        return f"http://{self.http}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"grpc://{self.grpc}"
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture(scope="session")
@@ -51,42 +28,24 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(build_model(config).eval(), tmp_path_factory.mktemp("model") / "tagger")
 
 
-def start_server(
-    model_uri: str | Path, log: Path, *extra: str, wait_ready: bool = True, timeout: float = 120
-) -> Server:
-    http, grpc = free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "serving", "--model-uri", str(model_uri), "--http-port", str(http)]
-    command += ["--grpc-port", str(grpc), "--threads", "1", *extra]
-    handle = log.open("w")
-    process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    server = Server(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", log)
-    deadline = time.monotonic() + timeout
-    path = "/v2/health/ready" if wait_ready else "/v2/health/live"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.rest_url}{path}", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(server)
-    raise RuntimeError(f"server not up after {timeout} s:\n{server.log_text()[-3000:]}")
+def start_server(model_uri: str | Path, *extra: str, wait_ready: bool = True, grpc_port: int | None = None) -> Server:
+    """The predictor on free loopback ports, one torch thread (the tests share two cores)."""
+    return start_local(
+        str(model_uri),
+        http_port=free_port(),
+        grpc_port=grpc_port or free_port(),
+        extra_args=["--threads", "1", *extra],
+        timeout_s=180,
+        wait_ready=wait_ready,
+    )
 
 
 def stop_server(server: Server) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+    server.stop()
 
 
 @pytest.fixture(scope="session")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(model_dir, tmp_path_factory.mktemp("logs") / "server.log", "--max-batch-size", "8")
+    running = start_server(model_dir, "--max-batch-size", "8")
     yield running
     stop_server(running)

@@ -35,9 +35,9 @@ def test_opencl_backend_serves_what_torch_computes(
     reference = TorchBackend(opencl_model_dir, threads=1)
     jets = small_jets.constituents[:5]
     expected = reference.predict(reference.render(jets))
-    server = start_server(opencl_model_dir, tmp_path / "log.txt", "--backend", "opencl")
+    server = start_server(opencl_model_dir, "--backend", "opencl")
     try:
-        model = httpx.get(f"{server.rest_url}/v2/models/top-tagger").json()
+        model = httpx.get(f"{server.url}/v2/models/top-tagger").json()
         assert model["inputs"][0]["shape"] == [-1, 3, IMAGE_SIZE, IMAGE_SIZE]
 
         async def ask() -> np.ndarray:
@@ -54,17 +54,17 @@ def test_no_opencl_device_means_not_ready_unless_a_fallback_is_given(
     opencl_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TOPTAGGER_OPENCL_DEVICE", "no-such-fpga-board")
-    server = start_server(opencl_model_dir, tmp_path / "a.txt", "--backend", "opencl", wait_ready=False)
+    server = start_server(opencl_model_dir, "--backend", "opencl", wait_ready=False)
     try:
-        ready = httpx.get(f"{server.rest_url}/v2/health/ready")
+        ready = httpx.get(f"{server.url}/v2/health/ready")
         assert ready.status_code == 503
         assert "no-such-fpga-board" in ready.json()["reason"]
     finally:
         stop_server(server)
 
-    server = start_server(opencl_model_dir, tmp_path / "b.txt", "--backend", "opencl", "--fallback", "torch")
+    server = start_server(opencl_model_dir, "--backend", "opencl", "--fallback", "torch")
     try:
-        assert httpx.get(f"{server.rest_url}/v2/health/ready").status_code == 200
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
         assert "falling back to torch" in server.log_text()
     finally:
         stop_server(server)
@@ -72,9 +72,9 @@ def test_no_opencl_device_means_not_ready_unless_a_fallback_is_given(
 
 
 def test_model_without_opencl_package_is_not_ready_with_the_reason(model_dir: Path, tmp_path: Path) -> None:
-    server = start_server(model_dir, tmp_path / "log.txt", "--backend", "opencl", wait_ready=False)
+    server = start_server(model_dir, "--backend", "opencl", wait_ready=False)
     try:
-        ready = httpx.get(f"{server.rest_url}/v2/health/ready")
+        ready = httpx.get(f"{server.url}/v2/health/ready")
         assert ready.status_code == 503
         assert "no OpenCL package" in ready.json()["reason"]
     finally:

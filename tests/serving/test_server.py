@@ -33,7 +33,7 @@ def reference(model_dir: Path) -> TorchBackend:
 
 
 def rest_json(server: Server, body: object, path: str = INFER) -> httpx.Response:
-    return httpx.post(f"{server.rest_url}{path}", json=body, timeout=30)
+    return httpx.post(f"{server.url}{path}", json=body, timeout=30)
 
 
 def as_json_input(name: str, array: np.ndarray) -> dict:
@@ -57,7 +57,7 @@ def test_rest_json_and_binary_and_grpc_agree_with_in_process(
     np.testing.assert_allclose(np.reshape(body["outputs"][0]["data"], (6, 2)), expected, rtol=1e-4, atol=1e-6)
 
     async def clients() -> tuple[np.ndarray, np.ndarray]:
-        async with TaggerClient(server.rest_url) as rest, TaggerClient(server.grpc_url) as rpc:
+        async with TaggerClient(server.url) as rest, TaggerClient(server.grpc_url) as rpc:
             return await rest.infer(constituents=jets), await rpc.infer(constituents=jets)
 
     rest_binary, grpc_answer = asyncio.run(clients())
@@ -85,7 +85,7 @@ def test_concurrent_callers_each_get_their_own_rows(
     expected = reference.predict(reference.render(jets))
 
     async def scenario() -> list[np.ndarray]:
-        async with TaggerClient(server.grpc_url) as rpc, TaggerClient(server.rest_url) as rest:
+        async with TaggerClient(server.grpc_url) as rpc, TaggerClient(server.url) as rest:
             calls = []
             for i in range(0, 48, 2):  # 24 requests of 2 jets, alternating protocols
                 client = rpc if (i // 2) % 2 else rest
@@ -94,7 +94,7 @@ def test_concurrent_callers_each_get_their_own_rows(
 
     answers = asyncio.run(scenario())
     np.testing.assert_allclose(np.concatenate(answers), expected, rtol=1e-4, atol=1e-6)
-    stats = httpx.get(f"{server.rest_url}/metrics").text
+    stats = httpx.get(f"{server.url}/metrics").text
     # merged batches happened: some batch held more than one request's 2 rows
     assert any(line.startswith("toptagger_batch_size_bucket") and 'le="2.0"' in line for line in stats.splitlines())
     counts = {
@@ -110,7 +110,14 @@ def test_concurrent_callers_each_get_their_own_rows(
 
 def test_real_triton_clients(server: Server, reference: TorchBackend) -> None:
     result = subprocess.run(
-        [sys.executable, str(HERE / "triton_client_check.py"), server.http, server.grpc, str(IMAGE_SIZE), "3"],
+        [
+            sys.executable,
+            str(HERE / "triton_client_check.py"),
+            server.http_target,
+            server.grpc_target,
+            str(IMAGE_SIZE),
+            "3",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -189,7 +196,7 @@ def test_bad_binary_and_malformed_bodies(server: Server) -> None:
         poisoned = JET.copy()
         poisoned[0, 3, 1] = bad
         body, headers = _binary(good_header, poisoned.tobytes())
-        answer = httpx.post(f"{server.rest_url}{INFER}", content=body, headers=headers, timeout=30)
+        answer = httpx.post(f"{server.url}{INFER}", content=body, headers=headers, timeout=30)
         assert answer.status_code == 400 and "NaN or Inf" in answer.json()["error"]
     cases = {
         "truncated payload": _binary(good_header, data[:1000]),
@@ -199,11 +206,11 @@ def test_bad_binary_and_malformed_bodies(server: Server) -> None:
         "header length beyond the body": _binary(good_header, data, declared=10**6),
     }
     for name, (body, headers) in cases.items():
-        answer = httpx.post(f"{server.rest_url}{INFER}", content=body, headers=headers, timeout=30)
+        answer = httpx.post(f"{server.url}{INFER}", content=body, headers=headers, timeout=30)
         assert answer.status_code == 400, (name, answer.text)
         assert answer.json()["error"], name
     for raw in (b'{"inputs": [', b"not json at all", b"\xff\xfe\x00"):
-        answer = httpx.post(f"{server.rest_url}{INFER}", content=raw, headers={"Content-Type": "application/json"})
+        answer = httpx.post(f"{server.url}{INFER}", content=raw, headers={"Content-Type": "application/json"})
         assert answer.status_code == 400, answer.text
         assert "malformed" in answer.json()["error"] or "Unrecognized" in answer.json()["error"]
 
@@ -212,13 +219,13 @@ def test_unknown_model_and_oversized_body(server: Server) -> None:
     answer = rest_json(server, {"inputs": [as_json_input("images", IMAGE)]}, path="/v2/models/nope/infer")
     assert answer.status_code == 404 and "nope" in answer.json()["error"]  # HTTP's code for an unknown resource
     huge = b"0" * (65 * 1024 * 1024)
-    answer = httpx.post(f"{server.rest_url}{INFER}", content=huge, headers={"Content-Type": "application/json"})
+    answer = httpx.post(f"{server.url}{INFER}", content=huge, headers={"Content-Type": "application/json"})
     assert answer.status_code == 413 and "exceeds" in answer.json()["error"]  # HTTP's code for a body too large
     assert rest_json(server, {"inputs": [as_json_input("images", IMAGE)]}).status_code == 200, "still serving"
 
 
 def test_bad_grpc_requests(server: Server) -> None:
-    channel = grpc.insecure_channel(server.grpc)
+    channel = grpc.insecure_channel(server.grpc_target)
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
 
     def call(
@@ -255,7 +262,11 @@ def test_bad_grpc_requests(server: Server) -> None:
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     body=st.recursive(
-        st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=8),
+        st.none()
+        | st.booleans()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.integers()
+        | st.text(max_size=8),
         lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
         max_leaves=20,
     )
@@ -267,7 +278,9 @@ def test_bad_grpc_requests(server: Server) -> None:
                         "name": st.sampled_from(["images", "constituents", "x", ""]),
                         "datatype": st.sampled_from(["FP32", "FP16", "INT8", "BYTES", "BOOL", "??"]),
                         "shape": st.lists(st.integers(-3, 300), max_size=5),
-                        "data": st.lists(st.floats(allow_nan=False, width=32) | st.integers(), max_size=30),
+                        "data": st.lists(
+                            st.floats(allow_nan=False, allow_infinity=False, width=32) | st.integers(), max_size=30
+                        ),
                     }
                 ),
                 max_size=2,
@@ -276,19 +289,19 @@ def test_bad_grpc_requests(server: Server) -> None:
     )
 )
 def test_fuzzed_rest_bodies_never_get_a_5xx(server: Server, body: object) -> None:
-    answer = httpx.post(f"{server.rest_url}{INFER}", json=body, timeout=30)
+    answer = httpx.post(f"{server.url}{INFER}", json=body, timeout=30)
     assert answer.status_code < 500, answer.text
 
 
 def test_metrics_and_request_ids(server: Server) -> None:
     answer = httpx.post(
-        f"{server.rest_url}{INFER}",
+        f"{server.url}{INFER}",
         json={"inputs": [as_json_input("images", IMAGE)]},
         headers={"x-request-id": "trace-me-42"},
     )
     assert answer.headers["x-request-id"] == "trace-me-42"
     assert answer.json()["id"] == "trace-me-42"
-    text = httpx.get(f"{server.rest_url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics").text
     for name in (
         'toptagger_requests_total{protocol="rest",status="200"}',
         'toptagger_requests_total{protocol="grpc"',
@@ -305,13 +318,13 @@ def test_metrics_and_request_ids(server: Server) -> None:
 
 def test_unloadable_model_leaves_server_up_but_not_ready(tmp_path: Path) -> None:
     bogus = tmp_path / "no-such-model"
-    server = start_server(bogus, tmp_path / "log.txt", wait_ready=False)
+    server = start_server(bogus, wait_ready=False)
     try:
-        ready = httpx.get(f"{server.rest_url}/v2/health/ready")
+        ready = httpx.get(f"{server.url}/v2/health/ready")
         assert ready.status_code == 503
         assert "no such model folder" in ready.json()["reason"]
-        assert httpx.get(f"{server.rest_url}/v2/models/top-tagger/ready").status_code == 503
-        assert httpx.get(f"{server.rest_url}/v2/health/live").status_code == 200
+        assert httpx.get(f"{server.url}/v2/models/top-tagger/ready").status_code == 503
+        assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
         infer = rest_json(server, {"inputs": [as_json_input("images", IMAGE)]})
         assert infer.status_code == 503
         assert "no such model folder" in server.log_text()
@@ -320,7 +333,7 @@ def test_unloadable_model_leaves_server_up_but_not_ready(tmp_path: Path) -> None
 
 
 def test_full_queue_answers_503_and_resource_exhausted(model_dir: Path, tmp_path: Path, small_jets: JetBatch) -> None:
-    server = start_server(model_dir, tmp_path / "log.txt", "--max-batch-size", "1", "--max-queue", "1")
+    server = start_server(model_dir, "--max-batch-size", "1", "--max-queue", "1")
     jets = small_jets.constituents[:1]
 
     async def flood(url: str) -> list[str]:
@@ -336,7 +349,7 @@ def test_full_queue_answers_503_and_resource_exhausted(model_dir: Path, tmp_path
             return await asyncio.gather(*(one() for _ in range(40)))
 
     try:
-        for url, marker in ((server.rest_url, "queue is full"), (server.grpc_url, "RESOURCE_EXHAUSTED")):
+        for url, marker in ((server.url, "queue is full"), (server.grpc_url, "RESOURCE_EXHAUSTED")):
             outcomes = asyncio.run(flood(url))
             assert "ok" in outcomes
             refused = [o for o in outcomes if o != "ok"]
@@ -347,7 +360,7 @@ def test_full_queue_answers_503_and_resource_exhausted(model_dir: Path, tmp_path
         stop_server(server)
 
 
-def test_client_retries_until_the_server_is_up(model_dir: Path, tmp_path: Path, reference: TorchBackend) -> None:
+def test_client_retries_until_the_server_is_up(model_dir: Path, reference: TorchBackend) -> None:
     from tests.conftest import free_port
 
     port = free_port()
@@ -358,7 +371,7 @@ def test_client_retries_until_the_server_is_up(model_dir: Path, tmp_path: Path, 
         try:
             task = asyncio.create_task(client.infer(images=images))
             await asyncio.sleep(0.5)
-            process = await asyncio.to_thread(start_server_on, model_dir, tmp_path / "log.txt", port)
+            process = await asyncio.to_thread(start_server_on, model_dir, port)
             try:
                 return await task
             finally:
@@ -369,9 +382,9 @@ def test_client_retries_until_the_server_is_up(model_dir: Path, tmp_path: Path, 
     np.testing.assert_allclose(asyncio.run(scenario()), reference.predict(images), rtol=1e-4, atol=1e-6)
 
 
-def start_server_on(model_dir: Path, log: Path, grpc_port: int) -> Server:
+def start_server_on(model_dir: Path, grpc_port: int) -> Server:
     """A server whose gRPC port was chosen by the test (the client already dials it)."""
-    return start_server(model_dir, log, "--grpc-port", str(grpc_port))
+    return start_server(model_dir, grpc_port=grpc_port)
 
 
 def test_client_falls_back_or_fails_cleanly_when_nothing_listens(reference: TorchBackend) -> None:
@@ -405,7 +418,7 @@ def test_killing_the_server_mid_benchmark(
     model_dir: Path, tmp_path: Path, reference: TorchBackend, small_jets: JetBatch
 ) -> None:
     """Clients fail over to in-process inference or fail within their deadline; no answer is misassigned."""
-    server = start_server(model_dir, tmp_path / "log.txt")
+    server = start_server(model_dir)
     jets = small_jets.constituents[:64]
     expected = reference.predict(reference.render(jets))
 
