@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,13 +35,13 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from components import storage
 from components.errors import ConfigError, DataError, StorageError
 from components.images import ImageConfig
+from components.model_store import fetch
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "tagger.json"
 HEAD_PREFIX = "fc."
-MLFLOW_SCHEME = "models:/"
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
 FORMAT_VERSION = 1
 
@@ -120,8 +119,7 @@ def load_weights(model: JetTagger, uri: str | os.PathLike[str] | None) -> list[s
     if uri is None or str(uri) == "":
         log.info("no weights given: training %s from scratch (random initialisation)", model.config.arch)
         return []
-    with _local(str(uri)) as path:
-        state = read_state_dict(_weights_file(path, str(uri)), str(uri))
+    state = read_state_dict(_weights_file(fetch(uri), str(uri)), str(uri))
     return _load_matching(model, state, str(uri))
 
 
@@ -197,48 +195,6 @@ def _weights_file(path: Path, source: str) -> Path:
     return path
 
 
-class _local:
-    """Context manager: a local path for a file/folder URI (local, s3:// or models:/)."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self._copy: Any = None
-
-    def __enter__(self) -> Path:
-        if self.uri.startswith(MLFLOW_SCHEME):
-            self._tmp = tempfile.TemporaryDirectory(prefix="toptagger-mlflow-")
-            return _download_mlflow(self.uri, Path(self._tmp.name))
-        if storage.is_s3(self.uri):
-            if Path(self.uri).suffix in (".safetensors", *STATE_DICT_SUFFIXES):
-                self._copy = storage.local_copy(self.uri)
-                return self._copy.__enter__()
-            self._tmp = tempfile.TemporaryDirectory(prefix="toptagger-s3-")
-            return storage.download_dir(self.uri, Path(self._tmp.name))
-        path = Path(self.uri)
-        if not path.exists():
-            raise StorageError(f"{self.uri}: no such file or folder")
-        return path
-
-    def __exit__(self, *exc: object) -> None:
-        if self._copy is not None:
-            self._copy.__exit__(*exc)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-
-def _download_mlflow(uri: str, dest: Path) -> Path:
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    except MlflowException as exc:
-        raise StorageError(f"{uri}: cannot resolve in the MLflow registry ({exc.message})") from None
-    except OSError as exc:
-        raise StorageError(f"{uri}: cannot download the model's artifacts ({exc})") from None
-
-
 def save_model(model: JetTagger, directory: str | os.PathLike[str]) -> Path:
     """Write ``model.safetensors`` and ``tagger.json`` into ``directory`` (created), atomically per file."""
     from safetensors.torch import save_file
@@ -256,15 +212,9 @@ def save_model(model: JetTagger, directory: str | os.PathLike[str]) -> Path:
 def load_model(uri: str | os.PathLike[str]) -> JetTagger:
     """Rebuild a saved tagger (folder with ``tagger.json`` + weights; local, s3:// or models:/)."""
     source = str(uri)
-    with _local(source) as path:
-        config_path = path / CONFIG_FILE if path.is_dir() else path.parent / CONFIG_FILE
-        if not config_path.is_file():
-            raise StorageError(f"{source}: no {CONFIG_FILE} beside the weights; cannot rebuild the preprocessing")
-        try:
-            config = TaggerConfig.from_dict(json.loads(config_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise DataError(f"{config_path}: not a valid tagger config ({exc})") from None
-        state = read_state_dict(_weights_file(path, source), source)
+    path = fetch(source)
+    config = read_config(path if path.is_dir() else path.parent)
+    state = read_state_dict(_weights_file(path, source), source)
     model = build_model(config)
     skipped = _load_matching(model, state, source)
     if skipped:
@@ -276,7 +226,7 @@ def read_config(directory: str | os.PathLike[str]) -> TaggerConfig:
     """The :class:`TaggerConfig` of a saved tagger folder, without loading its weights."""
     config_path = Path(directory) / CONFIG_FILE
     if not config_path.is_file():
-        raise StorageError(f"{directory}: no {CONFIG_FILE}; not a saved tagger folder")
+        raise StorageError(f"{directory}: no {CONFIG_FILE} beside the weights; cannot rebuild the preprocessing")
     try:
         return TaggerConfig.from_dict(json.loads(config_path.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:

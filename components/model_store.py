@@ -28,34 +28,53 @@ def is_mlflow_uri(uri: str) -> bool:
     return uri.startswith(MLFLOW_SCHEMES)
 
 
-def fetch_model_dir(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
-    """A local folder holding the model at ``uri``; raises :class:`StorageError` naming the URI."""
+def fetch(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
+    """A local file or folder holding what ``uri`` names; raises :class:`StorageError` naming the URI.
+
+    An ``s3://`` URI names one object when an object has exactly that key, and a prefix (a
+    folder) otherwise.
+    """
     uri = str(uri)
     if not uri:
         raise StorageError("empty model URI")
     if not (storage.is_s3(uri) or is_mlflow_uri(uri)):
         path = Path(uri.removeprefix("file://"))
         if not path.exists():
-            raise StorageError(f"{uri}: no such model folder")
-        if not path.is_dir():
-            raise StorageError(f"{uri}: a model URI names a folder, not a file")
+            raise StorageError(f"{uri}: no such file or folder")
         return path
     target = (cache or CACHE) / hashlib.sha256(f"{storage.endpoint_url()}|{uri}".encode()).hexdigest()[:20]
-    if target.is_dir() and not uri.endswith(("@champion", "@challenger", "/latest")):
-        return target  # a fixed version never changes; aliases are re-resolved every time
+    # A fixed version never changes; an alias (models:/name@alias) may move, so it is re-resolved.
+    if target.exists() and not (is_mlflow_uri(uri) and "@" in uri):
+        return _content(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
-        if storage.is_s3(uri):
-            storage.download_dir(uri, staging)
-        else:
+        if is_mlflow_uri(uri):
             _download_mlflow(uri, staging)
+        elif storage.exists(uri):
+            storage.download(uri, staging / (Path(storage.S3Location.parse(uri).key).name or "object"))
+        else:
+            storage.download_dir(uri, staging)
         if target.exists():
             shutil.rmtree(target)
-        staging.rename(target)  # the folder appears whole or not at all
+        staging.rename(target)  # appears whole or not at all
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return _content(target)
+
+
+def _content(folder: Path) -> Path:
+    """A cached download: the single file it holds, or the folder itself."""
+    entries = list(folder.iterdir())
+    return entries[0] if len(entries) == 1 and entries[0].is_file() else folder
+
+
+def fetch_model_dir(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
+    """A local folder holding the model at ``uri`` (a saved tagger, optionally with its OpenCL package)."""
+    path = fetch(uri, cache)
+    if not path.is_dir():
+        raise StorageError(f"{uri}: a model URI names a folder, not a file")
+    return path
 
 
 def _download_mlflow(uri: str, dest: Path) -> None:
@@ -65,6 +84,6 @@ def _download_mlflow(uri: str, dest: Path) -> None:
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
     except MlflowException as exc:
-        raise StorageError(f"{uri}: {exc.message} (tracking URI {mlflow.get_tracking_uri()})") from None
+        raise StorageError(f"{uri}: cannot resolve in MLflow at {mlflow.get_tracking_uri()} ({exc.message})") from None
     except OSError as exc:
-        raise StorageError(f"{uri}: cannot download from MLflow ({exc})") from None
+        raise StorageError(f"{uri}: cannot download the model's artifacts ({exc})") from None

@@ -186,7 +186,7 @@ def download_dir(uri: str, dest: str | os.PathLike[str]) -> Path:
     except _s3_errors() as exc:
         raise _explain(uri, exc) from None
     if not keys:
-        raise StorageError(f"{uri}: no objects under this prefix")
+        raise StorageError(f"{uri}: no such object, and no objects under this prefix")
     for key in keys:
         download(f"{S3_SCHEME}{loc.bucket}/{key}", dest / key[len(loc.key) :])
     return dest
