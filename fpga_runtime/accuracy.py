@@ -5,14 +5,16 @@ AUC change against the fp32 engine (target: within 0.002 for int8 and bfp8), and
 weight file. torch fp32 is the first row. int8 activation scales are calibrated on the first
 --calibration-count jets, which are then left out of the evaluation.
 
-    python -m fpga_runtime.accuracy --model tagger.safetensors --jets test.h5 --image-config images.json
-    python -m fpga_runtime.accuracy --model tagger.safetensors --images test.npz   # arrays images, labels
+    python -m fpga_runtime.accuracy --model MODEL --jets test.h5
+    python -m fpga_runtime.accuracy --model MODEL --images test.npz   # arrays images, labels
+
+MODEL is a saved tagger (folder with model.safetensors + tagger.json, s3:// or models:/ URI): its
+own image configuration renders the jets, exactly as in training and serving.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -20,12 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.models.resnet import ResNet
 
+from components import metrics
 from components.cli import positive_int
 from components.errors import ConfigError, DataError
+from components.images import ImageConfig
 from fpga_runtime.devices import select_device
 from fpga_runtime.engine import Engine
-from fpga_runtime.export import export_model, load_torch_model
+from fpga_runtime.export import export_model
 from fpga_runtime.quantize import PRECISIONS
 
 AUC_TOLERANCE = 0.002
@@ -33,27 +38,17 @@ SIGNAL_EFFICIENCY = 0.3
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); label 1 = signal."""
-    labels = labels.astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise DataError("AUC needs both signal (label 1) and background (label 0) jets")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    upper = np.cumsum(counts)
-    avg_rank = upper - (counts - 1) / 2.0  # 1-based average rank of each distinct score
-    rank_sum = avg_rank[inverse][labels].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    fpr, tpr, _ = metrics.roc_curve(labels, scores)
+    return float(metrics.auc(fpr, tpr))
 
 
 def background_rejection(scores: np.ndarray, labels: np.ndarray, eff_s: float = SIGNAL_EFFICIENCY) -> float:
-    """1/eps_B at the threshold that keeps a fraction ``eff_s`` of the signal."""
-    labels = labels.astype(bool)
-    threshold = np.quantile(scores[labels], 1.0 - eff_s)
-    eff_b = float((scores[~labels] >= threshold).mean())
-    return float("inf") if eff_b == 0 else 1.0 / eff_b
+    """1/eps_B at the working point that keeps a fraction ``eff_s`` of the signal."""
+    fpr, tpr, _ = metrics.roc_curve(labels, scores)
+    return float(metrics.rejection(fpr, tpr, eff_s))
 
 
-def load_inputs(args: argparse.Namespace, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def load_inputs(args: argparse.Namespace, image: ImageConfig, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """(images float32 [N, C, S, S], labels int [N]) from --images or --jets."""
     if args.images:
         path = Path(args.images)
@@ -64,16 +59,10 @@ def load_inputs(args: argparse.Namespace, channels: int) -> tuple[np.ndarray, np
                 raise DataError(f"{path} must hold arrays 'images' and 'labels', has {sorted(data.files)}")
             images, labels = data["images"][: args.limit], data["labels"][: args.limit]
     else:
-        from components.images import ImageConfig
         from components.jetdata import read_jets
 
-        config = ImageConfig()
-        if args.image_config:
-            config = ImageConfig.from_dict(json.loads(Path(args.image_config).read_text()))
-        if args.image_size:
-            config = ImageConfig.from_dict({**config.to_dict(), "image_size": args.image_size})
         jets = read_jets(args.jets, stop=args.limit)
-        images, labels = config.render(jets.constituents), jets.labels
+        images, labels = image.render(jets.constituents), jets.labels
     images = np.asarray(images, dtype=np.float32)
     if images.ndim == 4 and images.shape[1] == 1 and channels == 3:
         images = np.ascontiguousarray(three_channels_np(images))
@@ -89,12 +78,10 @@ def three_channels_np(images: np.ndarray) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fpga_runtime.accuracy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="trained tagger, resnet50 state_dict in .safetensors")
+    parser.add_argument("--model", required=True, help="saved tagger: folder, s3:// prefix or models:/name@alias")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--jets", help="test split in the reference jet format (rendered with components.images)")
     source.add_argument("--images", help=".npz with arrays images [N, C, S, S] and labels [N]")
-    parser.add_argument("--image-config", help="JSON of components.images.ImageConfig used in training")
-    parser.add_argument("--image-size", type=positive_int, help="override the image size of --image-config")
     parser.add_argument("--limit", type=positive_int, help="use only the first N jets")
     parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--calibration-count", type=positive_int, default=256)
@@ -106,8 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args(argv)
 
-    model = load_torch_model(args.model)
-    images, labels = load_inputs(args, model.conv1.in_channels)
+    from components.model import load_model
+
+    model = load_model(args.model)
+    channels = model.conv1.in_channels
+    images, labels = load_inputs(args, model.config.image, channels)
     if len(images) <= args.calibration_count:
         raise DataError(f"{len(images)} jets are not enough: {args.calibration_count} go to calibration")
     n_cal = args.calibration_count
@@ -117,8 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     precisions = [p for p in dict.fromkeys(["fp32", *args.precision]) if p != "fp16" or fp16_ok]
     skipped = [p for p in args.precision if p not in precisions]
 
-    with torch.no_grad():
-        ref = torch.cat([torch.softmax(model(torch.from_numpy(images[i:i + args.batch_size])), dim=1)
+    with torch.no_grad():  # ResNet.forward: the 3-channel images go in as they are
+        ref = torch.cat([torch.softmax(ResNet.forward(model, torch.from_numpy(images[i:i + args.batch_size])), dim=1)
                          for i in range(0, len(images), args.batch_size)]).numpy()
     rows = [("torch fp32", ref[:, 1], None, 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
