@@ -70,7 +70,8 @@ class TorchBackend(Backend):
     def predict(self, images: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+            # Decoded request bodies are read-only buffers; torch wants writable memory.
+            batch = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).to(self.device, non_blocking=True)
             logits = self.model(batch) if batch.shape[1] == 1 else self._forward_rgb(batch)
             return torch.softmax(logits, dim=1).float().cpu().numpy()
 

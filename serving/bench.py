@@ -130,7 +130,7 @@ async def closed_loop(
     latencies: list[float] = []
     errors = 0
     sessions = [TaggerClient(url, deadline_s=30) for _ in range(clients)]
-    stop_at = time.perf_counter() + seconds
+    stop_at = 0.0
 
     async def client(session: TaggerClient) -> None:
         nonlocal errors
@@ -147,6 +147,7 @@ async def closed_loop(
         # warm-up: one request per client, not timed
         await asyncio.gather(*(s.infer(**{kind: payload}) for s in sessions))
         start = time.perf_counter()
+        stop_at = start + seconds
         await asyncio.gather(*(client(s) for s in sessions))
         elapsed = time.perf_counter() - start
     finally:
@@ -288,7 +289,7 @@ def summary_rows(points: list[Point], ceiling: dict, wire: dict, headline_client
                 "≥ 0.9× ceiling",
             )
         )
-    if ours and stock:
+    if ours and stock and stock.rows_per_s > 0:
         rows.append(
             (
                 f"stock KServe, {stock.clients} gRPC clients, batch 1",
@@ -381,6 +382,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     parser = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-uri", required=True, help="model folder, s3:// or models:/ URI")
     parser.add_argument("--clients", type=parse_list, default=[1, 2, 4, 8, 16, 32, 64])
