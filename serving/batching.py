@@ -5,10 +5,14 @@ v1 protocol (kserve/kserve#2275). CMSSW's SONIC clients send batch-1 requests fr
 processes, so the server must merge them itself to use the accelerator well.
 
 Requests wait in a bounded queue. One worker task takes the oldest request, then keeps taking
-requests until the batch holds ``max_batch_size`` rows or the oldest request has waited
-``max_latency_ms``; the merged batch runs once, in a worker thread, and each caller gets exactly
-its own rows back. When the queue is full, :class:`QueueFull` is raised at once, so that latency
-stays bounded and the client can back off or go elsewhere.
+requests until the batch holds ``max_batch_size`` rows, or as many requests as were in flight
+when the previous batch finished (its own plus those queued meanwhile), or the oldest request
+has waited ``max_latency_ms``. The merged batch runs once, in a worker thread, and each caller
+gets exactly its own rows back. Waiting only for the concurrency last seen keeps a lone client
+from paying ``max_latency_ms`` on every call, while closed-loop clients (each sends again when
+answered, as a CMSSW stream does) still come together in full batches.
+When the queue is full, :class:`QueueFull` is raised at once, so that latency stays bounded and
+the client can back off or go elsewhere.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class DynamicBatcher:
         max_latency_ms: float = 5.0,
         max_queue: int = 256,
         on_batch: Callable[[int, float, float], None] | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_latency_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_latency_ms >= 0")
@@ -68,12 +73,16 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.on_batch = on_batch
         self.stats = BatchStatistics()
+        self._expected_requests = 1  # requests in flight at the end of the last batch: worth waiting for
         self._queue: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         # One thread: batches run one after another, which is what an accelerator does anyway,
-        # and torch/OpenCL use their own threads inside a batch.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        # and torch/OpenCL use their own threads inside a batch. A caller may pass the thread
+        # that built the model (see serving.predictor: torch is 1.8x slower on 2 cores when its
+        # OpenMP pool is used from a second thread).
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
 
     @property
     def queue_depth(self) -> int:
@@ -122,7 +131,7 @@ class DynamicBatcher:
                 batch.append(item)
                 rows += len(item.rows)
             remaining = deadline - time.perf_counter()
-            if rows >= self.max_batch_size or self._queue or remaining <= 0:
+            if rows >= self.max_batch_size or self._queue or remaining <= 0 or len(batch) >= self._expected_requests:
                 return batch
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -142,6 +151,7 @@ class DynamicBatcher:
                     pending.future.set_exception(exc)
             return
         compute_ns = time.perf_counter_ns() - start_ns
+        self._expected_requests = min(len(batch) + len(self._queue), self.max_batch_size)
         self._record(batch, len(merged), start_ns, compute_ns)
         offset = 0
         for pending in batch:
@@ -174,4 +184,5 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_exception(QueueFull("the server is shutting down"))
         self._queue.clear()
-        self._executor.shutdown(wait=False)
+        if self._owns_executor:
+            self._executor.shutdown(wait=False)

@@ -11,8 +11,10 @@ Lifecycle (KServe's hooks):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,11 +59,18 @@ class TopTagger(Model):
         self.batcher: DynamicBatcher | None = None
         self.contract: Contract | None = None
         self.not_ready_reason: str | None = "not loaded yet"
+        self.device_thread: ThreadPoolExecutor | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
     def load(self) -> bool:
         try:
-            self.backend = load_backend(self.model_uri, self.backend_name, self.fallback)
+            # The backend is built and run on one dedicated thread: torch's OpenMP pool belongs
+            # to the thread that first used it, and a second thread's pool competes with it
+            # (measured: 13 ms -> 24 ms per batch-1 ResNet-50 call at 64x64 on 2 cores).
+            self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+            self.backend = self.device_thread.submit(
+                load_backend, self.model_uri, self.backend_name, self.fallback
+            ).result()
         except TaggerError as exc:
             self.ready = False
             self.not_ready_reason = f"cannot load model {self.model_uri!r} with backend {self.backend_name}: {exc}"
@@ -75,6 +84,7 @@ class TopTagger(Model):
             max_latency_ms=self.batching.max_latency_ms,
             max_queue=self.batching.max_queue,
             on_batch=metrics.observe_batch,
+            executor=self.device_thread,
         )
         self.ready = True
         self.not_ready_reason = None
@@ -106,7 +116,10 @@ class TopTagger(Model):
             raise InvalidInput("the top tagger speaks the v2 (Open Inference) protocol only")
         assert self.contract is not None and self.batcher is not None and self.backend is not None
         name, array = self.contract.parse(payload)
-        images = self.backend.render(array) if name == CONSTITUENTS else array
+        if name == CONSTITUENTS:  # rendered on the device thread too (jet_images runs torch ops)
+            images = await asyncio.get_running_loop().run_in_executor(self.device_thread, self.backend.render, array)
+        else:
+            images = array
         metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
         try:
             probabilities = await self.batcher.submit(images)

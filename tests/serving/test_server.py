@@ -322,12 +322,12 @@ def test_unloadable_model_leaves_server_up_but_not_ready(tmp_path: Path) -> None
     try:
         ready = httpx.get(f"{server.url}/v2/health/ready")
         assert ready.status_code == 503
-        assert "no such model folder" in ready.json()["reason"]
+        assert "no such file or folder" in ready.json()["reason"]
         assert httpx.get(f"{server.url}/v2/models/top-tagger/ready").status_code == 503
         assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
         infer = rest_json(server, {"inputs": [as_json_input("images", IMAGE)]})
         assert infer.status_code == 503
-        assert "no such model folder" in server.log_text()
+        assert "no such file or folder" in server.log_text()
     finally:
         stop_server(server)
 
