@@ -13,7 +13,7 @@ export POCL_CACHE_DIR ?= $(HOME)/.cache/top-tagger/pocl
 export XDG_CACHE_HOME ?= $(HOME)/.cache
 export MPLBACKEND ?= Agg
 
-.PHONY: help venv test lint demo bench-data lock clean
+.PHONY: help venv test lint demo pipeline mlflow-ui bench-data lock clean
 
 # Container images (build and push when a container engine exists): make images, make push-images
 include manifests/images.mk
@@ -38,10 +38,20 @@ test: $(STAMP)  ## lint, then the whole test suite
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
 
-demo: $(STAMP)  ## generate a small Pythia8 sample and summarise it
+MLFLOW_PORT ?= 5000
+
+demo: $(STAMP)  ## the pipeline through kfp.local: generate (or DATASET=path-or-s3-uri), train, evaluate, register, serve
 	@mkdir -p $(STATE)
-	$(PY) -m components.generate --signal 250 --background 250 --seed 1 --out $(STATE)/demo_jets.h5
-	$(PY) -m components.summary $(STATE)/demo_jets.h5 --plot $(STATE)/demo_jets_mass.png
+	$(PY) -m pipelines.run --state $(STATE) --dataset "$(DATASET)"
+
+pipeline: $(STAMP)  ## compile the pipeline for a cluster: manifests/pipelines/top_tagging.yaml
+	$(PY) -m pipelines.compile
+
+mlflow-ui: $(STAMP)  ## MLflow's browser UI on the local store (.state/mlflow), http://127.0.0.1:$(MLFLOW_PORT)
+	@mkdir -p $(STATE)/mlflow/artifacts
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)  (Ctrl-C stops it)"
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(abspath $(STATE))/mlflow/mlflow.db \
+	  --default-artifact-root $(abspath $(STATE))/mlflow/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 bench-data: $(STAMP)  ## generation and reading throughput (docs/benchmarks.md)
 	$(PY) -m components.bench --markdown docs/benchmarks/data.md

@@ -31,7 +31,8 @@ check-engine:
 	  echo "TAG must be a fixed version (e.g. 0.1.0), not '$(TAG)'" >&2; exit 1; fi
 
 images: check-engine  ## build the components, predictor and predictor-fpga images
-	$(CONTAINER_ENGINE) build --platform $(PLATFORM) -f components/Dockerfile -t $(COMPONENTS_IMAGE) .
+	$(CONTAINER_ENGINE) build --platform $(PLATFORM) -f components/Dockerfile \
+	  --build-arg CODE_VERSION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) -t $(COMPONENTS_IMAGE) .
 	$(CONTAINER_ENGINE) build --platform $(PLATFORM) -f serving/Dockerfile -t $(PREDICTOR_IMAGE) .
 	$(CONTAINER_ENGINE) build --platform $(PLATFORM) -f serving/Dockerfile.fpga \
 	  --build-arg VENDOR_RUNTIME_IMAGE=$(VENDOR_RUNTIME_IMAGE) -t $(PREDICTOR_FPGA_IMAGE) .

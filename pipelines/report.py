@@ -1,0 +1,82 @@
+"""What ``python -m pipelines.run`` prints: task output without KFP's JSON dumps, and the summary table."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class ExecutorDumpFilter(io.TextIOBase):
+    """Passes task output through, minus KFP's multi-line executor input JSON dumps (``--verbose`` keeps them)."""
+
+    def __init__(self, target: TextIO) -> None:
+        self.target, self.buffer_, self.skipping = target, "", False
+
+    def write(self, text: str) -> int:
+        self.buffer_ += text
+        while "\n" in self.buffer_:
+            line, self.buffer_ = self.buffer_.split("\n", 1)
+            if "Got executor_input:" in line:
+                self.skipping = True
+                continue
+            if self.skipping and line.strip().startswith(("{", "}", '"', "[", "]")) and "[KFP Executor" not in line:
+                continue
+            self.skipping = False
+            self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+def events(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fmt(value: Any, error: Any = None, digits: int = 4) -> str:
+    if value is None:
+        return "∞ (no background left)"
+    text = f"{value:.{digits}g}"
+    return f"{text} ± {error:.2g}" if error is not None else text
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    ev, tr = summary["evaluation"], summary["training"]
+    net = (ev.get("test_auc"), ev.get("test_auc_error"))
+    base = (ev.get("mass_window_auc"), ev.get("mass_window_auc_error"))
+    rej_net = (ev.get("test_rejection_0.3"), ev.get("test_rejection_0.3_error"))
+    rej_base = (ev.get("mass_window_rejection_0.3"), ev.get("mass_window_rejection_0.3_error"))
+    data = summary["data"]
+    rows = [
+        ("dataset", f"{data['n_jets']} jets ({data['n_fit']} train + validation, {data['n_test']} test); "
+                    f"{data['source']}"),
+        ("training", f"{int(tr.get('epochs_run', 0))} epochs on {int(tr.get('train_jets', 0))} jets, "
+                     f"best validation AUC {_fmt(tr.get('best_val_auc'))}"),
+        ("test AUC", f"network {_fmt(*net)}   mass window {_fmt(*base)}"),
+        ("1/εB at εS = 0.3", f"network {_fmt(*rej_net, digits=3)}   mass window {_fmt(*rej_base, digits=3)}"),
+        ("registered", f"{summary['model_name']} version {summary['version']}, aliases: {summary['aliases'] or '-'}"),
+        ("promotion", f"{summary['decision']}: {summary['reason']}"),
+        ("MLflow run", f"{summary['run_id']} in experiment {summary['experiment']} ({summary['tracking_uri']})"),
+        ("model files", summary["model_uri"]),
+        ("task outputs", summary["pipeline_root"]),
+        ("served at", summary["url"] or "not served (--deploy none)"),
+        ("time", f"{summary['seconds']:.0f} s in all; steps {summary['steps_seconds']:.0f} s "
+                 f"({', '.join(f'{k} {v:.0f} s' for k, v in summary['steps'].items())}); "
+                 f"cached: {', '.join(summary['cached']) or 'none'}; "
+                 f"pipeline overhead {summary['overhead_seconds']:.0f} s ({100 * summary['overhead_fraction']:.1f}%)"),
+    ]  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[tuple[str, str]], out: TextIO = sys.stdout) -> None:
+    width = max(len(k) for k, _ in rows)
+    rule = "-" * (width + 2 + max(len(v) for _, v in rows))
+    print(rule, file=out)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}", file=out)
+    print(rule, file=out)

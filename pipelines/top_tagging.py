@@ -1,0 +1,191 @@
+"""The top-tagging pipeline: data -> preprocess -> train -> evaluate -> register -> deploy.
+
+``top_tagging`` (built at import, for clusters) is what ``python -m pipelines.compile`` writes to
+``manifests/pipelines/top_tagging.yaml``; ``python -m pipelines.run`` builds the same graph with
+lightweight components for ``kfp.local`` (see :mod:`pipelines.tasks` for the one difference).
+
+Cluster-only settings (ignored by ``kfp.local``, which ``pipelines.run`` says when it starts):
+- the train task asks for one GPU on the GPU node pool: accelerator type and limit, a node
+  selector and a toleration for the pool's taint;
+- S3 and MLflow credentials come from Kubernetes Secrets as environment variables.
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
+import os
+from typing import NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Dataset, Metrics
+
+from pipelines import tasks
+
+# What `make images` builds and pushes (manifests/images.mk: $(REGISTRY)/components:$(TAG)).
+COMPONENTS_IMAGE = os.environ.get("TOPTAGGER_COMPONENTS_IMAGE", "registry.example.com/top-tagger/components:0.1.0")
+
+# The GPU node pool. The labels below are those of NVIDIA's GPU feature discovery and the taint
+# the GPU operator's docs use; change them to your cluster's pool and recompile.
+ACCELERATOR_TYPE = "nvidia.com/gpu"
+ACCELERATOR_LIMIT = 1
+GPU_NODE_SELECTOR = ("nvidia.com/gpu.present", "true")
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+TRAIN_CPU, TRAIN_MEMORY = "4", "32G"
+
+# Secrets (names and keys), created once per namespace; see docs/pipeline.md.
+S3_SECRET = "top-tagger-s3"
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+S3_OPTIONAL_KEYS = {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
+MLFLOW_SECRET = "top-tagger-mlflow"
+MLFLOW_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
+MLFLOW_OPTIONAL_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}  # fmt: skip
+
+
+class Outputs(NamedTuple):
+    """What a run returns (kfp.local hands these to pipelines.run for its summary)."""
+
+    fit_jets: Dataset
+    test_jets: Dataset
+    training: Metrics
+    evaluation: Metrics
+    run_id: str
+    version: str
+    aliases: str
+    decision: str
+    reason: str
+    model_uri: str
+    url: str
+    deployment: str
+
+
+def _with_secrets(task: dsl.PipelineTask, s3: bool = True, mlflow: bool = False) -> dsl.PipelineTask:
+    if s3:
+        kubernetes.use_secret_as_env(task, S3_SECRET, S3_KEYS)
+        kubernetes.use_secret_as_env(task, S3_SECRET, S3_OPTIONAL_KEYS, optional=True)
+    if mlflow:
+        kubernetes.use_secret_as_env(task, MLFLOW_SECRET, MLFLOW_KEYS)
+        kubernetes.use_secret_as_env(task, MLFLOW_SECRET, MLFLOW_OPTIONAL_KEYS, optional=True)
+    return task
+
+
+def _on_gpu_pool(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    task.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(ACCELERATOR_LIMIT)
+    task.set_cpu_request(TRAIN_CPU).set_memory_request(TRAIN_MEMORY)
+    kubernetes.add_node_selector(task, *GPU_NODE_SELECTOR)
+    kubernetes.add_toleration(task, **GPU_TOLERATION)
+    return task
+
+
+def build_pipeline(image: str = COMPONENTS_IMAGE, local: bool = False) -> dsl.graph_component.GraphComponent:
+    """The pipeline on ``image``; ``local=True`` gives the lightweight form that kfp.local runs."""
+    c = tasks.build(image, local)
+
+    @dsl.pipeline(name="top-tagging", description="Top-quark jet tagger: data, training, MLflow registry, serving.")
+    def top_tagging(
+        dataset_uri: str = "",
+        n_signal: int = 3000,
+        n_background: int = 3000,
+        generator_workers: int = 0,
+        image_size: int = 40,
+        epochs: int = 5,
+        batch_size: int = 32,
+        learning_rate: float = 1e-3,
+        seed: int = 1,
+        base_model_uri: str = "",
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        max_steps_per_epoch: int = 0,
+        patience: int = 3,
+        n_bootstrap: int = 200,
+        checkpoint_root: str = "",
+        run_key: str = "",
+        mlflow_experiment: str = "top-tagging",
+        model_name: str = "top-tagger",
+        deploy_target: str = "none",
+        deploy_overlay: str = "cpu",
+        deploy_namespace: str = "",
+        http_port: int = 8080,
+        grpc_port: int = 8081,
+    ) -> Outputs:
+        """Train the ResNet-50 top tagger, register it in MLflow and serve the champion.
+
+        Args:
+            dataset_uri: Jets in the Top Quark Tagging Reference Dataset layout (local path or
+                s3://bucket/key.h5). Empty: generate n_signal + n_background jets with Pythia8 + FastJet.
+            n_signal: Top jets to generate (only when dataset_uri is empty).
+            n_background: QCD jets to generate (only when dataset_uri is empty).
+            generator_workers: Processes for the generator; 0 uses every core.
+            image_size: Jet image size in pixels (the paper: 224; 40 is fast on CPUs).
+            epochs: Maximum training epochs (early stopping on validation AUC may stop sooner).
+            batch_size: Training batch size.
+            learning_rate: AdamW learning rate (cosine schedule).
+            seed: Seeds the generator, the train/validation/test split, initialisation and batch order.
+            base_model_uri: Weights to fine-tune from (file, s3:// or models:/name@alias; an ImageNet
+                ResNet-50 state_dict works). Empty: train from scratch.
+            val_fraction: Share of all jets used for validation (early stopping, best epoch).
+            test_fraction: Share of all jets held out for the test metrics and the promotion gate.
+            max_steps_per_epoch: Cap on batches per epoch for quick runs; 0 means whole epochs.
+            patience: Early stopping after this many epochs without a better validation AUC.
+            n_bootstrap: Bootstrap replicas for the test metrics' uncertainties.
+            checkpoint_root: Folder or s3:// prefix that keeps training checkpoints across task retries.
+                Empty: the pod's temp folder (use s3:// on a cluster).
+            run_key: Names the checkpoint and the MLflow run. Empty: this pipeline run's id. Give an
+                earlier key to resume that run's training.
+            mlflow_experiment: MLflow experiment that receives one run per pipeline run.
+            model_name: Registered model name; new versions get the alias challenger, the better ones champion.
+            deploy_target: none, local (predictor process on this machine) or cluster (KServe InferenceService).
+            deploy_overlay: Kustomize overlay for deploy_target=cluster: cpu, gpu or fpga.
+            deploy_namespace: Namespace for the InferenceService; empty: the overlay's.
+            http_port: HTTP port of the local predictor (deploy_target=local).
+            grpc_port: gRPC port of the local predictor (deploy_target=local).
+        """
+        data = c["data"](
+            dataset_uri=dataset_uri, n_signal=n_signal, n_background=n_background, seed=seed, workers=generator_workers
+        )
+        _with_secrets(data)
+        prep = c["preprocess"](
+            dataset=data.outputs["dataset"], seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+        )
+        train = c["train"](
+            fit_jets=prep.outputs["fit_jets"], image_size=image_size, epochs=epochs, batch_size=batch_size,
+            learning_rate=learning_rate, seed=seed, base_model_uri=base_model_uri, val_fraction=val_fraction,
+            test_fraction=test_fraction, max_steps_per_epoch=max_steps_per_epoch, patience=patience,
+            checkpoint_root=checkpoint_root, run_key=run_key, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        )  # fmt: skip
+        # Training resumes its checkpoint, registration finds its run and version again: both retry safely.
+        _with_secrets(_on_gpu_pool(train), mlflow=True).set_retry(num_retries=2, backoff_duration="30s")
+        evaluate = c["evaluate"](
+            model=train.outputs["model"], test_jets=prep.outputs["test_jets"], n_bootstrap=n_bootstrap, seed=seed
+        )
+        register = c["register"](
+            model=train.outputs["model"], evaluation=evaluate.outputs["evaluation"], fit_jets=prep.outputs["fit_jets"],
+            test_jets=prep.outputs["test_jets"], experiment=mlflow_experiment, model_name=model_name,
+            run_key=run_key, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        )  # fmt: skip
+        _with_secrets(register, mlflow=True).set_retry(num_retries=2, backoff_duration="30s")
+        deploy = c["deploy"](
+            target=deploy_target, model_name=model_name, overlay=deploy_overlay, namespace=deploy_namespace,
+            http_port=http_port, grpc_port=grpc_port, version=register.outputs["version"],
+        )  # fmt: skip
+        _with_secrets(deploy, mlflow=True)
+        # Cache only the data: training, evaluation, registration and deployment are what a new run is for.
+        for task in (train, evaluate, register, deploy):
+            task.set_caching_options(enable_caching=False)
+        return Outputs(
+            fit_jets=prep.outputs["fit_jets"],
+            test_jets=prep.outputs["test_jets"],
+            training=train.outputs["metrics"],
+            evaluation=evaluate.outputs["metrics"],
+            run_id=register.outputs["run_id"],
+            version=register.outputs["version"],
+            aliases=register.outputs["aliases"],
+            decision=register.outputs["decision"],
+            reason=register.outputs["reason"],
+            model_uri=register.outputs["model_uri"],
+            url=deploy.outputs["url"],
+            deployment=deploy.outputs["details"],
+        )
+
+    return top_tagging
+
+
+top_tagging = build_pipeline()

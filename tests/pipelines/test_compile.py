@@ -1,0 +1,153 @@
+"""The compiled pipeline: committed YAML is fresh, its structure, and the containerized components' entry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipelines import compile as compile_module
+from pipelines import tasks, top_tagging
+
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = REPO / "manifests" / "pipelines" / "top_tagging.yaml"
+STEPS = ["data", "preprocess", "train", "evaluate", "register", "deploy"]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> tuple[dict[str, Any], dict[str, Any]]:
+    spec, platform = yaml.safe_load_all(compile_module.compile_yaml())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_committed_files_equal_a_fresh_compile() -> None:
+    assert COMMITTED.read_text() == compile_module.compile_yaml(), "run: python -m pipelines.compile"
+    assert compile_module.KFP_CONFIG.read_text() == compile_module.kfp_config(), "run: python -m pipelines.compile"
+
+
+def test_check_flag_fails_on_a_stale_file(tmp_path: Path) -> None:
+    stale = tmp_path / "top_tagging.yaml"
+    stale.write_text(COMMITTED.read_text().replace("top-tagging", "top-tagging-old", 1))
+    assert compile_module.main(["--check", "--out", str(stale)]) == 1
+    assert compile_module.main(["--check"]) == 0
+
+
+def test_parameters_have_defaults_and_descriptions(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    expected = {
+        "dataset_uri": "", "n_signal": 3000, "n_background": 3000, "image_size": 40, "epochs": 5,
+        "batch_size": 32, "learning_rate": 0.001, "seed": 1, "base_model_uri": "",
+        "mlflow_experiment": "top-tagging", "model_name": "top-tagger", "deploy_target": "none",
+    }  # fmt: skip
+    for name, default in expected.items():
+        assert params[name]["defaultValue"] == default, name
+    assert [name for name, p in params.items() if not p.get("description")] == []
+    assert "Pythia8" in params["dataset_uri"]["description"]
+    assert spec["pipelineInfo"]["name"] == "top-tagging"
+
+
+def test_components_are_containerized_on_the_components_image(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    assert sorted(executors) == sorted(f"exec-{s}" for s in STEPS)
+    for name, executor in executors.items():
+        container = executor["container"]
+        assert container["image"] == top_tagging.COMPONENTS_IMAGE, name
+        assert container["command"] == ["python3", "-m", "kfp.dsl.executor_main"], name
+        assert container["args"][-2:] == ["--function_to_execute", name.removeprefix("exec-")]
+        assert "pip install" not in json.dumps(container), name  # everything is in the image
+
+
+def test_training_asks_for_the_gpu_pool(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, k8s = compiled
+    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert resources["accelerator"]["resourceCount"] == "1"
+    assert k8s["exec-train"]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
+    assert k8s["exec-train"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    for other in ("exec-data", "exec-preprocess", "exec-evaluate", "exec-register", "exec-deploy"):
+        assert "accelerator" not in spec["deploymentSpec"]["executors"][other]["container"].get("resources", {})
+        assert "nodeSelector" not in k8s.get(other, {}) and "tolerations" not in k8s.get(other, {})
+
+
+def test_credentials_come_from_secrets_as_env(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, k8s = compiled
+
+    def secret_env(executor: str) -> dict[str, tuple[str, bool]]:
+        return {
+            item["envVar"]: (secret["secretNameParameter"]["runtimeValue"]["constant"], bool(secret.get("optional")))
+            for secret in k8s.get(executor, {}).get("secretAsEnv", [])
+            for item in secret["keyToEnv"]
+        }
+
+    for executor in ("exec-data", "exec-train", "exec-register", "exec-deploy"):
+        env = secret_env(executor)
+        assert env["AWS_ACCESS_KEY_ID"] == (top_tagging.S3_SECRET, False), executor
+        assert env["AWS_SECRET_ACCESS_KEY"] == (top_tagging.S3_SECRET, False), executor
+        assert env["MLFLOW_S3_ENDPOINT_URL"] == (top_tagging.S3_SECRET, True), executor
+    for executor in ("exec-train", "exec-register", "exec-deploy"):
+        env = secret_env(executor)
+        assert env["MLFLOW_TRACKING_URI"] == (top_tagging.MLFLOW_SECRET, False), executor
+        assert env["MLFLOW_TRACKING_PASSWORD"] == (top_tagging.MLFLOW_SECRET, True), executor
+    # Never a literal: no container sets these variables itself.
+    for executor in spec["deploymentSpec"]["executors"].values():
+        literal = {e["name"] for e in executor["container"].get("env", [])}
+        assert not literal & {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD"}
+
+
+def test_only_the_data_steps_are_cached_and_retries_are_set(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    dag = spec["root"]["dag"]["tasks"]
+    cached = {name: task.get("cachingOptions", {}).get("enableCache", False) for name, task in dag.items()}
+    assert cached == {"data": True, "preprocess": True, "train": False, "evaluate": False, "register": False,
+                      "deploy": False}  # fmt: skip
+    assert dag["train"]["retryPolicy"]["maxRetryCount"] == 2
+    assert dag["register"]["retryPolicy"]["maxRetryCount"] == 2
+    # The run key defaults to the pipeline run's own id.
+    for step in ("train", "register"):
+        value = dag[step]["inputs"]["parameters"]["pipeline_run_id"]["runtimeValue"]["constant"]
+        assert value == "{{$.pipeline_job_uuid}}"
+
+
+def test_the_components_run_containerized_as_in_the_image(tmp_path: Path) -> None:
+    """KFP's executor in containerized mode, in a folder laid out like the image's /app."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for package in ("components", "pipelines"):
+        (app / package).symlink_to(REPO / package)
+    shutil.copyfile(compile_module.KFP_CONFIG, app / "kfp_config.ini")  # components/Dockerfile does this copy
+    out = tmp_path / "out"
+    executor_input = {
+        "inputs": {"parameterValues": {"target": "none", "model_name": "top-tagger", "overlay": "cpu",
+                                       "namespace": "", "http_port": 8080, "grpc_port": 8081, "version": "3"}},
+        "outputs": {"parameters": {"url": {"outputFile": str(out / "url")},
+                                   "details": {"outputFile": str(out / "details")}},
+                    "outputFile": str(out / "executor_output.json")},
+    }  # fmt: skip
+    spec = yaml.safe_load(COMMITTED.read_text().split("\n---\n")[0])
+    container = spec["deploymentSpec"]["executors"]["exec-deploy"]["container"]
+    args = [json.dumps(executor_input) if a == "{{$}}" else a for a in container["args"]]
+    command = [sys.executable if part == "python3" else part for part in container["command"]]
+    env = {**os.environ, "PYTHONPATH": str(app)}
+    result = subprocess.run(command + args, cwd=app, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    written = json.loads((out / "executor_output.json").read_text())["parameterValues"]
+    assert json.loads(written["details"]) == {"target": "none", "url": "", "model_uri": ""}
+
+
+def test_every_kfp_config_entry_names_a_component_function() -> None:
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.optionxform = str
+    config.read(compile_module.KFP_CONFIG)
+    assert dict(config["Components"]) == {step: "pipelines/tasks.py" for step in STEPS}
+    assert [s.__name__ for s in tasks.STEPS] == STEPS
