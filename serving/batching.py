@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -51,6 +51,20 @@ class BatchStatistics:
     compute_ns: int = 0
     last_inference_ms: int = 0
     batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # size -> [count, compute ns]
+
+    @classmethod
+    def combined(cls, parts: Iterable[BatchStatistics]) -> BatchStatistics:
+        """The sum of several batchers' counters (one model served through several queues)."""
+        total = cls()
+        for part in parts:
+            for name in ("inference_count", "execution_count", "success_count", "fail_count", "queue_ns", "compute_ns"):
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.last_inference_ms = max(total.last_inference_ms, part.last_inference_ms)
+            for size, (count, ns) in part.batch_sizes.items():
+                entry = total.batch_sizes.setdefault(size, [0, 0])
+                entry[0] += count
+                entry[1] += ns
+        return total
 
 
 class DynamicBatcher:

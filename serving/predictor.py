@@ -1,17 +1,16 @@
 """The KServe predictor: ``TopTagger``, a :class:`kserve.Model` served as ``top-tagger``.
 
 Lifecycle (KServe's hooks):
-- ``load()`` resolves the model URI, builds the backend (torch or OpenCL) and the batcher. If
+- ``load()`` resolves the model URI, builds the backend (torch or OpenCL) and the batchers. If
   anything fails, the model stays registered but not ready, and the reason is kept for the
   readiness answer and the log; the server itself stays up.
-- ``predict()`` validates the request against the :class:`~serving.contract.Contract`, renders
-  constituents into images with the training-time configuration, and waits for its rows from
-  the :class:`~serving.batching.DynamicBatcher`.
+- ``predict()`` validates the request against the :class:`~serving.contract.Contract` and
+  waits for its rows from the :class:`~serving.batching.DynamicBatcher` of its input kind;
+  batches of constituents are rendered with the training-time image configuration.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from components.errors import TaggerError
 from serving import metrics
 from serving.backends import Backend, load_backend
 from serving.batching import DynamicBatcher, QueueFull
-from serving.contract import CONSTITUENTS, DATATYPE, MODEL_NAME, PROBABILITIES, Contract
+from serving.contract import CONSTITUENTS, DATATYPE, IMAGES, MODEL_NAME, PROBABILITIES, Contract
 from serving.errors import ServerOverloaded
 
 log = logging.getLogger("serving.predictor")
@@ -56,7 +55,9 @@ class TopTagger(Model):
         self.fallback = fallback
         self.batching = batching or BatchingOptions()
         self.backend: Backend | None = None
-        self.batcher: DynamicBatcher | None = None
+        # One queue per input kind, both feeding the one device thread: constituents are rendered
+        # per merged batch, on that thread, rather than once per request.
+        self.batchers: dict[str, DynamicBatcher] = {}
         self.contract: Contract | None = None
         self.not_ready_reason: str | None = "not loaded yet"
         self.device_thread: ThreadPoolExecutor | None = None
@@ -78,14 +79,19 @@ class TopTagger(Model):
             return False
         max_batch = min(self.batching.max_batch_size, self.backend.max_batch_size or self.batching.max_batch_size)
         self.contract = Contract(self.backend.channels, self.backend.image_size, max_batch)
-        self.batcher = DynamicBatcher(
-            self.backend.predict,
-            max_batch_size=max_batch,
-            max_latency_ms=self.batching.max_latency_ms,
-            max_queue=self.batching.max_queue,
-            on_batch=metrics.observe_batch,
-            executor=self.device_thread,
-        )
+        backend = self.backend
+        runners = {IMAGES: backend.predict, CONSTITUENTS: lambda jets: backend.predict(backend.render(jets))}
+        self.batchers = {
+            kind: DynamicBatcher(
+                run,
+                max_batch_size=max_batch,
+                max_latency_ms=self.batching.max_latency_ms,
+                max_queue=self.batching.max_queue,
+                on_batch=metrics.observe_batch,
+                executor=self.device_thread,
+            )
+            for kind, run in runners.items()
+        }
         self.ready = True
         self.not_ready_reason = None
         log.info(
@@ -114,15 +120,11 @@ class TopTagger(Model):
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferResponse:
         if not isinstance(payload, InferRequest):
             raise InvalidInput("the top tagger speaks the v2 (Open Inference) protocol only")
-        assert self.contract is not None and self.batcher is not None and self.backend is not None
+        assert self.contract is not None and self.batchers
         name, array = self.contract.parse(payload)
-        if name == CONSTITUENTS:  # rendered on the device thread too (jet_images runs torch ops)
-            images = await asyncio.get_running_loop().run_in_executor(self.device_thread, self.backend.render, array)
-        else:
-            images = array
-        metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
+        metrics.QUEUE_DEPTH.set(sum(b.queue_depth for b in self.batchers.values()))
         try:
-            probabilities = await self.batcher.submit(images)
+            probabilities = await self.batchers[name].submit(array)
         except QueueFull as exc:
             raise ServerOverloaded(str(exc)) from None
         output = InferOutput(PROBABILITIES, list(probabilities.shape), DATATYPE)

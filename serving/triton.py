@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from serving.batching import BatchStatistics
 from serving.triton_protos import extensions_pb2, model_config_pb2
 
 if TYPE_CHECKING:
@@ -40,9 +41,9 @@ def model_config(model: TopTagger) -> model_config_pb2.ModelConfig:
 def model_statistics(model: TopTagger) -> extensions_pb2.ModelStatistics:
     duration = extensions_pb2.StatisticDuration
     entry = extensions_pb2.ModelStatistics(name=model.name, version=VERSION)
-    if model.batcher is None:
+    if not model.batchers:
         return entry
-    stats = model.batcher.stats
+    stats = BatchStatistics.combined(b.stats for b in model.batchers.values())
     entry.last_inference = stats.last_inference_ms
     entry.inference_count = stats.inference_count
     entry.execution_count = stats.execution_count
