@@ -42,17 +42,20 @@ def fetch(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
         if not path.exists():
             raise StorageError(f"{uri}: no such file or folder")
         return path
+    if storage.is_s3(uri):
+        single = storage.cached_object(uri)  # cached by ETag, so never stale
+        if single is not None:
+            return single
     target = (cache or CACHE) / hashlib.sha256(f"{storage.endpoint_url()}|{uri}".encode()).hexdigest()[:20]
-    # A fixed version never changes; an alias (models:/name@alias) may move, so it is re-resolved.
-    if target.exists() and not (is_mlflow_uri(uri) and "@" in uri):
+    # A fixed MLflow version never changes; an alias (models:/name@alias) may move and an S3
+    # prefix may be overwritten, so those are fetched again.
+    if target.exists() and is_mlflow_uri(uri) and "@" not in uri:
         return _content(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
         if is_mlflow_uri(uri):
             _download_mlflow(uri, staging)
-        elif storage.exists(uri):
-            storage.download(uri, staging / (Path(storage.S3Location.parse(uri).key).name or "object"))
         else:
             storage.download_dir(uri, staging)
         if target.exists():

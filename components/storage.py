@@ -202,25 +202,41 @@ def upload_dir(src: str | os.PathLike[str], uri: str) -> None:
         upload(path, f"{base}/{path.relative_to(src).as_posix()}")
 
 
-def _cache_path(uri: str) -> Path:
-    digest = hashlib.sha256(f"{endpoint_url()}|{uri}".encode()).hexdigest()[:16]
-    return DEFAULT_CACHE / digest / Path(S3Location.parse(uri).key).name
+def cached_object(uri: str) -> Path | None:
+    """A local copy of the S3 object at ``uri``, or None when no object has exactly that key.
+
+    The cache is keyed by endpoint, URI and the object's ETag, so an object overwritten under the
+    same key is downloaded again instead of being served stale.
+    """
+    loc = S3Location.parse(uri)
+    try:
+        etag = s3_client().head_object(Bucket=loc.bucket, Key=loc.key)["ETag"]
+    except _s3_errors() as exc:
+        err = _explain(uri, exc)
+        if "no such object" in str(err):
+            return None
+        raise err from None
+    digest = hashlib.sha256(f"{endpoint_url()}|{uri}|{etag}".encode()).hexdigest()[:16]
+    cached = DEFAULT_CACHE / digest / (Path(loc.key).name or "object")
+    if not cached.exists():
+        download(uri, cached)
+    return cached
 
 
 @contextlib.contextmanager
 def local_copy(uri: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a local path holding the file at ``uri``.
 
-    Local paths are yielded as they are; S3 objects are downloaded once into a cache keyed by
-    endpoint and URI (HDF5 needs random access, so streaming straight from S3 is not an option).
+    Local paths are yielded as they are; S3 objects come from :func:`cached_object` (HDF5 needs
+    random access, so streaming straight from S3 is not an option).
     """
     uri = str(uri)
     if not is_s3(uri):
         yield Path(uri)
         return
-    cached = _cache_path(uri)
-    if not cached.exists():
-        download(uri, cached)
+    cached = cached_object(uri)
+    if cached is None:
+        raise StorageError(f"{uri}: no such object")
     yield cached
 
 

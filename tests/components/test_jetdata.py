@@ -80,6 +80,9 @@ def test_s3_round_trip(small_jets: JetBatch, s3_env: str) -> None:
     back = read_jets(uri)
     np.testing.assert_array_equal(back.constituents, small_jets.constituents)
     assert count_jets(uri) == len(small_jets)
+    # Overwritten under the same key: the next read sees the new file, not a stale cached copy.
+    write_jets(uri, small_jets[:50])
+    assert len(read_jets(uri)) == 50
 
 
 def _write(batch: JetBatch, path: Path) -> Path:
