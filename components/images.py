@@ -39,10 +39,11 @@ from components.errors import ConfigError, DataError
 Center = Literal["axis", "centroid", "leading"]
 CENTERS: tuple[str, ...] = ("axis", "centroid", "leading")
 PAPER_IMAGE_SIZE = 224
-# Jets per internal block: keeps the [block, M] temporaries inside the CPU caches. Blocking is
-# over whole batches of jets, so there is still no Python loop per jet or per particle.
-BLOCK = 1024
-GPU_BLOCK = 65536
+# Constituent slots per internal block of jets: keeps the [B, M] temporaries inside the CPU
+# caches. Blocking is over whole batches of jets, so there is still no Python loop per jet or
+# per particle.
+BLOCK_ELEMENTS = 96 * 1024
+GPU_BLOCK_ELEMENTS = 64 * 1024 * 200
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -163,9 +164,9 @@ def jet_images(
     size = int(image_size)
     n = tensor.shape[0]
     out = torch.zeros((n, 1, size, size), dtype=torch.float32, device=tensor.device)
-    if n and tensor.shape[1]:
+    if n:
         with torch.no_grad():
-            _render(tensor, out.view(-1), size, float(half_width), center, rotate, flip, normalize)
+            _render(tensor, out.view(n, -1), size, float(half_width), center, rotate, flip, normalize)
     return out.numpy() if isinstance(constituents, np.ndarray) else out
 
 
@@ -179,7 +180,7 @@ def _render(
     flip: bool,
     normalize: bool,
 ) -> None:
-    """Render all jets into ``out`` (the zeroed images, flattened) in blocks of similar length.
+    """Render all jets into ``out`` (``[N, S*S]``, zeroed) in blocks of similar length.
 
     Jets fill about a third of the reference format's 200 slots, with a long tail. Blocks of
     jets sorted by their number of used slots, each trimmed to its longest jet, keep the dense
@@ -187,24 +188,41 @@ def _render(
     padding. Blocks cover many jets at once: there is no Python loop per jet or per particle.
     """
     n, slots = p4.shape[:2]
-    real = p4[..., 0] != 0  # the reference format marks padding by E = 0
-    position = torch.arange(1, slots + 1, device=p4.device, dtype=torch.int32)
-    used = torch.where(real, position, 0).amax(dim=1)  # last real slot + 1, wherever padding sits
+    if slots == 0:
+        return
+    # Last real slot + 1, wherever padding sits (the reference format marks it by E = 0). Float
+    # arithmetic throughout: boolean masks and torch.where are several times slower on CPU.
+    position = torch.arange(1, slots + 1, device=p4.device, dtype=torch.float32)
+    used = p4[..., 0].abs().sign_().mul_(position).amax(dim=1).int()
     order = torch.argsort(used, stable=True)
-    used_sorted = used[order].tolist()
-    block = BLOCK if p4.device.type == "cpu" else GPU_BLOCK
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        width = used_sorted[stop - 1]
-        if width == 0:
-            continue  # empty jets: their images stay zero
+    used_sorted = used[order].cpu().numpy()
+    budget = BLOCK_ELEMENTS if p4.device.type == "cpu" else GPU_BLOCK_ELEMENTS
+    # int32 pixel indices halve the index traffic; int64 only where the output is that large.
+    index_dtype = torch.int32 if out.numel() < 2**31 else torch.int64
+    start = int(np.searchsorted(used_sorted, 0, side="right"))  # empty jets: their images stay zero
+    flat = out.view(-1)
+    while start < n:
+        stop = _block_end(used_sorted, start, budget)
+        width = int(used_sorted[stop - 1])
         jets = order[start:stop]
         # One gather of whole rows, then contiguous components: far cheaper than three strided
         # gathers, and the arithmetic below runs on contiguous arrays.
         rows = p4[:, :width].index_select(0, jets)
         px, py, pz = (rows[..., i].contiguous() for i in (1, 2, 3))
-        pixels, weights = _pixelate(px, py, pz, size, half_width, center, rotate, flip, normalize)
-        out.index_add_(0, (pixels + jets[:, None] * (size * size)).view(-1), weights.view(-1))
+        pixels, weights = _pixelate(px, py, pz, size, half_width, center, rotate, flip, normalize, index_dtype)
+        pixels += (jets.to(index_dtype) * (size * size))[:, None]
+        flat.index_add_(0, pixels.view(-1), weights.view(-1))
+        start = stop
+
+
+def _block_end(used_sorted: np.ndarray, start: int, budget: int) -> int:
+    """End of the block from ``start``: as many jets as fit ``budget`` slots at the block's width.
+
+    Lengths are sorted, so short jets go in large blocks and the long tail in small ones; either
+    way a block does about ``budget`` slots of arithmetic, mostly on real constituents.
+    """
+    cost = np.arange(1, len(used_sorted) - start + 1) * used_sorted[start:]
+    return start + max(1, int(np.searchsorted(cost, budget, side="right")))
 
 
 def _eta(pz: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
@@ -215,11 +233,18 @@ def _eta(pz: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
     padding (all zero) gets eta = 0.
     """
     pt = pt.clamp_min(_TINY_PT)
-    return torch.copysign(torch.log((pz.abs() + torch.hypot(pt, pz)) / pt), pz)
+    return torch.copysign(_norm(pt, pz).add_(pz.abs()).div_(pt).log_(), pz)
 
 
-# Smallest pT used as a divisor: rows with pT = 0 get finite coordinates (and zero weight).
-_TINY_PT = 1e-20
+def _norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sqrt(a^2 + b^2), a third cheaper than torch.hypot on CPU where the sum is rarely exactly
+    zero (sqrt(0) takes a slow path); momenta in GeV are nowhere near float32 overflow squared."""
+    return torch.addcmul(a * a, b, b).sqrt_()
+
+
+# Smallest pT used as a divisor: rows with pT = 0 get finite coordinates (and zero weight). Its
+# square must stay a normal float32 (> 1.2e-38): denormal arithmetic is ~100x slower on x86.
+_TINY_PT = 1e-15
 
 
 def _pixelate(
@@ -232,74 +257,92 @@ def _pixelate(
     rotate: bool,
     flip: bool,
     normalize: bool,
+    index_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel index (within each image) and weight of every constituent of a block ([B, M] each).
 
-    Padding has pT = 0, so it carries zero weight through every sum and into the image.
+    Padding has pT = 0, so it carries zero weight through every sum and into the image. Centring,
+    rotation and pixel scaling are one affine map per jet, applied in a single pass: the centre
+    and the second moments come from raw sums over the axis-relative coordinates, and the map is
+    built on the small [B, 1] per-jet tensors. That halves the full-size passes over [B, M].
     """
+    # hypot, not _norm: padding is exactly zero here, and sqrt(0) takes a slow path on CPU.
     w = torch.hypot(px, py)
 
     # Jet axis from the summed four-vector, as CMSSW's jet.eta()/jet.phi().
     jet_px, jet_py = px.sum(dim=1, keepdim=True), py.sum(dim=1, keepdim=True)
-    jet_pt = torch.hypot(jet_px, jet_py)
+    jet_pt = _norm(jet_px, jet_py)
     jet_eta = _eta(pz.sum(dim=1, keepdim=True), jet_pt)
     jet_phi = torch.atan2(jet_py, jet_px)
     cos_j, sin_j = torch.cos(jet_phi), torch.sin(jet_phi)
-    x = _eta(pz, w) - jet_eta
+    x = _eta(pz, w).sub_(jet_eta)
     # phi relative to the axis as the angle of the momentum rotated by -phi_jet: lands in
     # [-pi, pi] directly, so jets straddling phi = +-pi need no special case.
-    y = torch.atan2(py * cos_j - px * sin_j, px * cos_j + py * sin_j)
+    y = torch.atan2(torch.addcmul(py * cos_j, px, -sin_j), torch.addcmul(px * cos_j, py, sin_j))
 
-    if center == "centroid":
-        total = w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        x = x - (w * x).sum(dim=1, keepdim=True) / total
-        y = y - (w * y).sum(dim=1, keepdim=True) / total
-    elif center == "leading":
-        # Subtracting the leading constituent's own coordinates puts it exactly on (0, 0),
-        # which the quadrant flip relies on.
+    if center == "leading":
+        # Subtracting the leading constituent's own coordinates puts it exactly on (0, 0), which
+        # the quadrant flip relies on; an affine offset would leave it a rounding error away.
         lead = w.argmax(dim=1, keepdim=True)
         x = x - x.gather(1, lead)
         y = y - y.gather(1, lead)
-
-    if rotate:
-        # Major axis of the pT-weighted second moments about the centre; a jet without spread
-        # gives atan2(0, 0) = 0, i.e. no rotation, never NaN.
+    zero = torch.zeros_like(jet_pt)
+    cx, cy = zero, zero
+    if center == "centroid" or rotate:
         wx, wy = w * x, w * y
-        sxx = (wx * x).sum(dim=1, keepdim=True)
-        syy = (wy * y).sum(dim=1, keepdim=True)
-        sxy = (wx * y).sum(dim=1, keepdim=True)
-        theta = 0.5 * torch.atan2(2 * sxy, sxx - syy)
-        cos_t, sin_t = torch.cos(theta), torch.sin(theta)
-        x, y = torch.addcmul(x * cos_t, y, sin_t), torch.addcmul(y * cos_t, x, -sin_t)
+        total = w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        sum_x, sum_y = wx.sum(dim=1, keepdim=True), wy.sum(dim=1, keepdim=True)
+        if center == "centroid":
+            cx, cy = sum_x / total, sum_y / total
 
-    # Multiplying by a boolean mask is several times faster than masked_fill on CPU here.
-    w = w * (torch.maximum(x.abs(), y.abs()) <= half_width)
-    pixel = 2 * half_width / size
-    scale_x = torch.full_like(jet_pt, 1 / pixel)
-    scale_y = scale_x
+    # Rows of the map (x, y) -> (u, v) in pixel units about the centre: u = a*x + b*y + c.
+    scale = size / (2 * half_width)
+    if rotate:
+        # Major axis of the pT-weighted second moments about the centre, from raw sums; a jet
+        # without spread gives atan2(0, 0) = 0, i.e. no rotation, never NaN.
+        sxx = (wx * x).sum(dim=1, keepdim=True) - 2 * cx * sum_x + cx * cx * total
+        syy = (wy * y).sum(dim=1, keepdim=True) - 2 * cy * sum_y + cy * cy * total
+        sxy = (wx * y).sum(dim=1, keepdim=True) - cx * sum_y - cy * sum_x + cx * cy * total
+        theta = 0.5 * torch.atan2(2 * sxy, sxx - syy)
+        cos_t, sin_t = torch.cos(theta) * scale, torch.sin(theta) * scale
+        # (x * a).addcmul_(...).add_(c): a [B, 1] first operand of addcmul broadcasts slowly.
+        u = (x * cos_t).addcmul_(y, sin_t).add_(-(cos_t * cx + sin_t * cy))
+        v = (y * cos_t).addcmul_(x, -sin_t).add_(sin_t * cx - cos_t * cy)
+    else:
+        u, v = (x - cx) * scale, (y - cy) * scale
+
+    # Inclusive window as in CMSSW, |u|, |v| <= size / 2 pixels, as a float 0/1 factor:
+    # clamp(sign(size / 2 - max(|u|, |v|)) + 1, 0, 1) avoids boolean tensors, which cost several
+    # times a float operation on CPU.
+    inside = torch.maximum(u.abs(), v.abs()).neg_().add_(size / 2).sign_().add_(1).clamp_(0, 1)
+    w = w * inside
+    sign_u = sign_v = None
     if flip:
-        # After "leading" centring the leading constituent sits exactly on (0, 0); it belongs to
-        # no quadrant, or the choice would depend on the sign of zero. Elsewhere exact zeros
-        # have measure zero and the extra pass is skipped.
-        heat = w * ((x != 0) & (y != 0)) if center == "leading" else w
-        upper_y = y >= 0
-        upper_x = heat * (x >= 0)
-        both = (upper_x * upper_y).sum(dim=1)
-        only_x = upper_x.sum(dim=1) - both
-        only_y = (heat * upper_y).sum(dim=1) - both
-        neither = heat.sum(dim=1) - both - only_x - only_y
-        hottest = torch.stack([neither, only_y, only_x, both], dim=1).argmax(dim=1, keepdim=True)
-        scale_x = torch.where(hottest >= 2, scale_x, -scale_x)
-        scale_y = torch.where(hottest % 2 == 1, scale_y, -scale_y)
+        # Quadrant sums from signed sums: with A = sum w*sign(u), B = sum w*sign(v) and
+        # C = sum w*sign(u)*sign(v), quadrant (su, sv) holds (W + su*A + sv*B + su*sv*C) / 4. A
+        # constituent exactly on an axis counts half on each side of it, so the leading one after
+        # "leading" centring, at exactly (0, 0), weighs the same in all four and decides nothing.
+        su, sv = torch.sign(u), torch.sign(v)
+        wu = w * su
+        a = wu.sum(dim=1, keepdim=True)
+        b = (w * sv).sum(dim=1, keepdim=True)
+        c = (wu * sv).sum(dim=1, keepdim=True)
+        # Candidates in the order (-,-), (-,+), (+,-), (+,+); argmax keeps the first of ties.
+        hottest = torch.cat([c - a - b, b - a - c, a - b - c, a + b + c], dim=1).argmax(dim=1, keepdim=True)
+        sign_u = torch.where(hottest >= 2, 1.0, -1.0)
+        sign_v = torch.where(hottest % 2 == 1, 1.0, -1.0)
     denom = w.sum(dim=1, keepdim=True) if normalize else jet_pt
     w = w / denom.clamp_min(torch.finfo(w.dtype).tiny)
     # Boundaries are inclusive as in CMSSW; the clamp puts +half_width into the last pixel
-    # (CMSSW would index one past the end there).
-    # Pixel indices stay in float32 (exact below 2**24) until one conversion at the end.
-    offset = half_width / pixel
-    row = (x * scale_x).add_(offset).clamp_(0, size - 1).trunc_()
-    col = (y * scale_y).add_(offset).clamp_(0, size - 1).trunc_()
-    return row.mul_(size).add_(col).long(), w
+    # (CMSSW would index one past the end there). The integer conversion truncates.
+    offset = size / 2
+    if sign_u is None:
+        row, col = u.add_(offset), v.add_(offset)
+    else:
+        row, col = u.mul_(sign_u).add_(offset), v.mul_(sign_v).add_(offset)
+    row = row.clamp_(0, size - 1).to(index_dtype)
+    col = col.clamp_(0, size - 1).to(index_dtype)
+    return row.mul_(size).add_(col), w
 
 
 def three_channels(images: ArrayT) -> ArrayT:
