@@ -289,6 +289,19 @@ def summary_rows(points: list[Point], ceiling: dict, wire: dict, headline_client
                 "≥ 0.9× ceiling",
             )
         )
+        # N closed-loop batch-1 clients never have more than N rows in flight, so no batch can
+        # exceed N: the in-process rate at batch N bounds what they can get from any server.
+        bound = ceiling["throughput"].get(headline_clients)
+        if bound:
+            rows.append(
+                (
+                    f"in-process at batch {headline_clients} (the largest batch {headline_clients} batch-1 clients "
+                    "can form)",
+                    f"{bound:.0f} jets/s = {bound / ceiling['best_throughput']:.2f}× ceiling; ours = "
+                    f"{ours.rows_per_s / bound:.2f}× this bound",
+                    "—",
+                )
+            )
     if ours and stock and stock.rows_per_s > 0:
         rows.append(
             (
@@ -342,7 +355,8 @@ def run(args: argparse.Namespace) -> dict:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     jets, images = sample_inputs(args.model_uri)
-    ceiling = in_process_ceiling(args.model_uri, images, sorted({1, *args.batch_sizes, 32}), args.seconds / 2)
+    ceiling_batches = sorted({1, *args.batch_sizes, args.headline_clients, 32, 64})
+    ceiling = in_process_ceiling(args.model_uri, images, ceiling_batches, args.seconds / 2)
     payloads = {"images": images, "constituents": jets}
     plan = [(c, 1) for c in args.clients] + [(1, b) for b in args.batch_sizes if b != 1]
     points: list[Point] = []
