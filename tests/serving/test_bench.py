@@ -40,5 +40,5 @@ def test_summary_leaves_out_what_was_not_measured() -> None:
 
 @pytest.mark.parametrize("text", ["", "0,1", "a,b", "-2"])
 def test_bad_lists_are_named(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError, match="expected comma-separated|must be >= 1"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected comma-separated|must be >= 1"):
         parse_list(text)
