@@ -76,8 +76,11 @@ def three_channels_np(images: np.ndarray) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fpga_runtime.accuracy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fpga_runtime.accuracy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="saved tagger: folder, s3:// prefix or models:/name@alias")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--jets", help="test split in the reference jet format (rendered with components.images)")
@@ -88,8 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--device", help="OpenCL device pin (default: automatic)")
     parser.add_argument("--package", help="keep the exported package here (default: a temporary directory)")
-    parser.add_argument("--fp16-emulation", action="store_true",
-                        help="run fp16 (half storage, fp32 arithmetic) even without cl_khr_fp16")
+    parser.add_argument(
+        "--fp16-emulation",
+        action="store_true",
+        help="run fp16 (half storage, fp32 arithmetic) even without cl_khr_fp16",
+    )
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args(argv)
 
@@ -108,16 +114,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped = [p for p in args.precision if p not in precisions]
 
     with torch.no_grad():  # ResNet.forward: the 3-channel images go in as they are
-        ref = torch.cat([torch.softmax(ResNet.forward(model, torch.from_numpy(images[i:i + args.batch_size])), dim=1)
-                         for i in range(0, len(images), args.batch_size)]).numpy()
+        ref = torch.cat(
+            [
+                torch.softmax(ResNet.forward(model, torch.from_numpy(images[i : i + args.batch_size])), dim=1)
+                for i in range(0, len(images), args.batch_size)
+            ]
+        ).numpy()
     rows = [("torch fp32", ref[:, 1], None, 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
         pkg_dir = Path(args.package) if args.package else Path(tmp) / "pkg"
-        export_model(model, pkg_dir, precisions, image_size=images.shape[-1], calibration=calib,
-                     overwrite=bool(args.package))
+        export_model(
+            model, pkg_dir, precisions, image_size=images.shape[-1], calibration=calib, overwrite=bool(args.package)
+        )
         for p in precisions:
-            engine = Engine.from_package(pkg_dir, device=args.device, precision=p, max_batch_size=args.batch_size,
-                                         allow_fp16_emulation=args.fp16_emulation)
+            engine = Engine.from_package(
+                pkg_dir,
+                device=args.device,
+                precision=p,
+                max_batch_size=args.batch_size,
+                allow_fp16_emulation=args.fp16_emulation,
+            )
             start = time.perf_counter()
             probs = engine.predict(images)
             seconds = time.perf_counter() - start
@@ -125,10 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append((f"engine {p}", probs[:, 1], size, seconds))
 
     base = auc(rows[1][1], labels)
-    out = [f"Accuracy on {len(images)} test jets ({int(labels.sum())} top), device {info.label()}, "
-           f"calibration on {len(calib)} jets.", "",
-           "| model | AUC | ΔAUC vs engine fp32 | 1/εB at εS=0.3 | weights MB | within 0.002 | time s |",
-           "|---|---:|---:|---:|---:|---|---:|"]
+    out = [
+        f"Accuracy on {len(images)} test jets ({int(labels.sum())} top), device {info.label()}, "
+        f"calibration on {len(calib)} jets.",
+        "",
+        "| model | AUC | ΔAUC vs engine fp32 | 1/εB at εS=0.3 | weights MB | within 0.002 | time s |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
     for name, scores, size, seconds in rows:
         a = auc(scores, labels)
         narrow = not (name.startswith("torch") or name.endswith("fp32"))

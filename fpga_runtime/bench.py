@@ -42,8 +42,9 @@ def _median_time(fn: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
-def throughput(engine: Engine, model: torch.nn.Module, x: np.ndarray, repeats: int,
-               torch_device: str) -> tuple[float, float]:
+def throughput(
+    engine: Engine, model: torch.nn.Module, x: np.ndarray, repeats: int, torch_device: str
+) -> tuple[float, float]:
     """(engine img/s, torch img/s), medians, with the two measured alternately to share the noise."""
     xt = torch.from_numpy(x).to(torch_device)
 
@@ -65,8 +66,12 @@ def throughput(engine: Engine, model: torch.nn.Module, x: np.ndarray, repeats: i
 def profile_table(rows: list[LayerTime], batch: int) -> str:
     total = sum(r.seconds for r in rows)
     flops = sum(r.flops for r in rows)
-    lines = [f"#### Batch {batch}: {total * 1e3:.1f} ms device time, {flops / total / 1e9:.1f} GFLOP/s overall",
-             "", "| layer | kind | ms | % | GFLOP/s |", "|---|---|---:|---:|---:|"]
+    lines = [
+        f"#### Batch {batch}: {total * 1e3:.1f} ms device time, {flops / total / 1e9:.1f} GFLOP/s overall",
+        "",
+        "| layer | kind | ms | % | GFLOP/s |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in rows:
         gf = f"{r.gflops:.1f}" if r.flops else ""
         lines.append(f"| {r.layer} | {r.kind} | {r.seconds * 1e3:.3f} | {100 * r.seconds / total:.1f} | {gf} |")
@@ -74,15 +79,21 @@ def profile_table(rows: list[LayerTime], batch: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fpga_runtime.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fpga_runtime.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="trained tagger (.safetensors state_dict); default: random-init resnet50")
     parser.add_argument("--channels", type=positive_int, default=3, help="image channels of the random model")
     parser.add_argument("--image-size", type=positive_int, default=64)
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16])
     parser.add_argument("--profile-batches", type=positive_int, nargs="*", default=[1, 16])
-    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,
-                        help="engine precisions to time (correctness is always checked in fp32)")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=PRECISIONS,
+        help="engine precisions to time (correctness is always checked in fp32)",
+    )
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--device", help="OpenCL device pin (default: automatic)")
     parser.add_argument("--torch-device", default="cpu", help="torch baseline device (cpu, cuda)")
@@ -99,26 +110,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         pkg = export_model(model, Path(tmp) / "pkg", precisions, image_size=s, calibration=calib)
-        engines = {p: Engine.from_package(pkg, device=args.device, precision=p,
-                                          max_batch_size=max(args.batch_sizes + args.profile_batches),
-                                          allow_fp16_emulation=True)
-                   for p in precisions}
+        engines = {
+            p: Engine.from_package(
+                pkg,
+                device=args.device,
+                precision=p,
+                max_batch_size=max(args.batch_sizes + args.profile_batches),
+                allow_fp16_emulation=True,
+            )
+            for p in precisions
+        }
     fp32 = engines["fp32"]
     model = model.to(args.torch_device)
-    out += [f"### Run: {time.strftime('%Y-%m-%d %H:%M')}, {fp32.info.label()} ({fp32.info.kind}), "
-            f"torch {torch.__version__} on {args.torch_device} ({torch.get_num_threads()} threads), "
-            f"{platform.processor() or platform.machine()}",
-            "", f"Image {channels}x{s}x{s}, tiles {fp32.tiles}, build options `{fp32.options}`.", ""]
-    out += ["#### Correctness (fp32 engine vs torch fp32, max |diff| / max |logit|)", "",
-            "| images | N | relative error | target |", "|---|---:|---:|---|"]
-    for name, x in (("random normal", synthetic.random_images(16, s, channels, seed=1)),
-                    ("jet-like", synthetic.jet_images(16, s, channels, seed=2))):
+    out += [
+        f"### Run: {time.strftime('%Y-%m-%d %H:%M')}, {fp32.info.label()} ({fp32.info.kind}), "
+        f"torch {torch.__version__} on {args.torch_device} ({torch.get_num_threads()} threads), "
+        f"{platform.processor() or platform.machine()}",
+        "",
+        f"Image {channels}x{s}x{s}, tiles {fp32.tiles}, build options `{fp32.options}`.",
+        "",
+    ]
+    out += [
+        "#### Correctness (fp32 engine vs torch fp32, max |diff| / max |logit|)",
+        "",
+        "| images | N | relative error | target |",
+        "|---|---:|---:|---|",
+    ]
+    for name, x in (
+        ("random normal", synthetic.random_images(16, s, channels, seed=1)),
+        ("jet-like", synthetic.jet_images(16, s, channels, seed=2)),
+    ):
         with torch.no_grad():
             ref = model(torch.from_numpy(x).to(args.torch_device)).cpu().numpy()
         err = rel_err(fp32.logits(x), ref)
         out.append(f"| {name} | {len(x)} | {err:.2e} | {'ok' if err <= 1e-4 else 'FAIL'} (<= 1e-4) |")
-    out += ["", "#### Throughput (median of alternating runs)", "",
-            "| precision | batch | engine img/s | torch img/s | engine / torch |", "|---|---:|---:|---:|---:|"]
+    out += [
+        "",
+        "#### Throughput (median of alternating runs)",
+        "",
+        "| precision | batch | engine img/s | torch img/s | engine / torch |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for p in precisions:
         for b in args.batch_sizes:
             x = synthetic.jet_images(b, s, channels, seed=3)

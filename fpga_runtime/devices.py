@@ -43,8 +43,10 @@ def ensure_pocl_cache() -> str:
     current = os.environ.get("POCL_CACHE_DIR")
     if current and _writable(Path(current)):
         return current
-    candidates = [Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "top-tagger" / "pocl",
-                  Path(tempfile.gettempdir()) / f"top-tagger-pocl-{os.getuid()}"]
+    candidates = [
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "top-tagger" / "pocl",
+        Path(tempfile.gettempdir()) / f"top-tagger-pocl-{os.getuid()}",
+    ]
     for path in candidates:
         if _writable(path):
             os.environ["POCL_CACHE_DIR"] = str(path)
@@ -80,10 +82,17 @@ def device_kind(device: cl.Device) -> str:
 
 
 def describe(device: cl.Device, index: tuple[int, int] = (-1, -1)) -> DeviceInfo:
-    return DeviceInfo(platform=device.platform.name.strip(), name=device.name.strip(), kind=device_kind(device),
-                      version=device.version.strip(), driver=device.driver_version.strip(),
-                      compute_units=device.max_compute_units, global_mem=device.global_mem_size,
-                      fp16="cl_khr_fp16" in device.extensions.split(), index=index)
+    return DeviceInfo(
+        platform=device.platform.name.strip(),
+        name=device.name.strip(),
+        kind=device_kind(device),
+        version=device.version.strip(),
+        driver=device.driver_version.strip(),
+        compute_units=device.max_compute_units,
+        global_mem=device.global_mem_size,
+        fp16="cl_khr_fp16" in device.extensions.split(),
+        index=index,
+    )
 
 
 def all_devices() -> list[tuple[DeviceInfo, cl.Device]]:
@@ -140,8 +149,9 @@ def readiness(pin: str | None = None) -> tuple[bool, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fpga_runtime.devices", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fpga_runtime.devices", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", help=f"pin a device by name (default: ${ENV_DEVICE})")
     args = parser.parse_args(argv)
     found = all_devices()
@@ -149,8 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"POCL_CACHE_DIR={os.environ.get('POCL_CACHE_DIR', '')}")
     for info, _ in found:
         mark = "*" if info == picked else " "
-        print(f"{mark} [{info.index[0]}.{info.index[1]}] {info.kind:<11} {info.label()} | {info.version} | "
-              f"{info.compute_units} CU | {info.global_mem / 2**30:.1f} GiB | fp16={'yes' if info.fp16 else 'no'}")
+        print(
+            f"{mark} [{info.index[0]}.{info.index[1]}] {info.kind:<11} {info.label()} | {info.version} | "
+            f"{info.compute_units} CU | {info.global_mem / 2**30:.1f} GiB | fp16={'yes' if info.fp16 else 'no'}"
+        )
     print(f"would pick: {picked.label()} ({picked.kind})")
     return 0
 

@@ -85,10 +85,19 @@ def _local(global_size: int, want: int) -> int:
 class Engine:
     """Runs an exported package on one OpenCL device (see module docstring)."""
 
-    def __init__(self, package: Package, *, device: str | None = None, precision: str | None = None,
-                 max_batch_size: int = 64, tiles: prog.Tiles | None = None,
-                 binary_dir: str | Path | None = None, use_binary: bool | None = None,
-                 probe: bool = True, allow_fp16_emulation: bool = False) -> None:
+    def __init__(
+        self,
+        package: Package,
+        *,
+        device: str | None = None,
+        precision: str | None = None,
+        max_batch_size: int = 64,
+        tiles: prog.Tiles | None = None,
+        binary_dir: str | Path | None = None,
+        use_binary: bool | None = None,
+        probe: bool = True,
+        allow_fp16_emulation: bool = False,
+    ) -> None:
         self.package = package
         self.precision = precision or ("fp32" if "fp32" in package.precisions else package.precisions[0])
         if self.precision not in quantize.PRECISIONS:
@@ -108,22 +117,23 @@ class Engine:
         self.binary_dir = Path(binary_dir) if binary_dir is not None else package.path / "binaries"
         self.from_binary = use_binary
         if probe:
-            probe_mod.probe_engine_kernels(self.info, self.precision, self.tiles,
-                                           self.binary_dir if use_binary else None)
+            probe_mod.probe_engine_kernels(
+                self.info, self.precision, self.tiles, self.binary_dir if use_binary else None
+            )
         self.ctx = prog.shared_context(self.device)
         if use_binary:
             self.program = prog.load_binary(self.ctx, self.device, self.binary_dir, self.precision, self.options)
         else:
             self.program = prog.build_from_source(self.ctx, self.device, self.options)
-        self.queue = cl.CommandQueue(self.ctx, self.device,
-                                     properties=cl.command_queue_properties.PROFILING_ENABLE)
+        self.queue = cl.CommandQueue(self.ctx, self.device, properties=cl.command_queue_properties.PROFILING_ENABLE)
         self._weights = self._upload_weights(weights)
         self._plans: OrderedDict[int, BatchPlan] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
-    def from_package(cls, path: str | Path, device: str | None = None, precision: str | None = None,
-                     **kwargs: Any) -> Engine:
+    def from_package(
+        cls, path: str | Path, device: str | None = None, precision: str | None = None, **kwargs: Any
+    ) -> Engine:
         """Open the package directory ``path`` and set the engine up on ``device`` (name pin or auto)."""
         return cls(load_package(path), device=device, precision=precision, **kwargs)
 
@@ -141,7 +151,7 @@ class Engine:
     def logits(self, images: np.ndarray) -> np.ndarray:
         """float32 [N, classes] logits of float32 images [N, C, S, S] (any N, split by max_batch_size)."""
         x = self._check_input(images)
-        outs = [self._forward(x[i:i + self.max_batch_size])[0] for i in range(0, len(x), self.max_batch_size)]
+        outs = [self._forward(x[i : i + self.max_batch_size])[0] for i in range(0, len(x), self.max_batch_size)]
         return np.concatenate(outs) if outs else np.zeros((0, self._n_out()), np.float32)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -200,8 +210,10 @@ class Engine:
                 if src[2] != layer["cin"]:
                     raise PackageError(f"layer {name} expects {layer['cin']} input channels, gets {src[2]}")
                 if layer["cout"] % vw:
-                    raise UnsupportedLayerError(f"layer {name} has {layer['cout']} output channels; "
-                                                f"this device's kernels need a multiple of {vw}")
+                    raise UnsupportedLayerError(
+                        f"layer {name} has {layer['cout']} output channels; "
+                        f"this device's kernels need a multiple of {vw}"
+                    )
                 kh, kw = layer["kernel"]
                 s, p = layer["stride"], layer["padding"]
                 out: tuple[int, ...] = (_shape_out(src[0], kh, s, p), _shape_out(src[1], kw, s, p), layer["cout"])
@@ -228,8 +240,9 @@ class Engine:
         return int(self.shapes[self.package.plan["output"]][0])
 
     def _buffer(self, array: np.ndarray) -> cl.Buffer:
-        return cl.Buffer(self.ctx, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR,
-                         hostbuf=np.ascontiguousarray(array))
+        return cl.Buffer(
+            self.ctx, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(array)
+        )
 
     def _upload_weights(self, weights: dict[str, np.ndarray]) -> dict[str, cl.Buffer]:
         vw = self.tiles.vw
@@ -249,7 +262,7 @@ class Engine:
                 w = weights[f"{name}.weight_q"]
                 if layer["input"] not in scales:
                     raise PackageError(f"int8 plan has no activation scale for {layer['input']} (input of {name})")
-                dequant = (scales[layer["input"]] * weights[f"{name}.weight_scale"].astype(np.float64))
+                dequant = scales[layer["input"]] * weights[f"{name}.weight_scale"].astype(np.float64)
                 bufs[f"{name}.scale"] = self._buffer(dequant.astype(np.float32))
             elif self.precision == "bfp8":
                 w = quantize.bfp8_decode(weights[f"{name}.mantissa"], weights[f"{name}.exponent"])
@@ -333,16 +346,31 @@ class Engine:
                 # The final logits and the input upload buffer are never recycled.
                 if recycle and last_use.get(t) == i and t not in (out_name, "input"):
                     free.append(where[t])
-        return BatchPlan(batch=n, steps=steps, input_buf=where["input"], output_buf=where[out_name],
-                         output_shape=(n, self._n_out()), buffers=allocated, tensors=where)
+        return BatchPlan(
+            batch=n,
+            steps=steps,
+            input_buf=where["input"],
+            output_buf=where[out_name],
+            output_shape=(n, self._n_out()),
+            buffers=allocated,
+            tensors=where,
+        )
 
     def _kernel(self, name: str, *args: Any) -> cl.Kernel:
         k = cl.Kernel(self.program, name)
         k.set_args(*args)
         return k
 
-    def _step(self, n: int, kind: str, layer: dict[str, Any], ins: list[cl.Buffer], out: cl.Buffer,
-              scales: dict[str, float], reads: list[str]) -> Step:
+    def _step(
+        self,
+        n: int,
+        kind: str,
+        layer: dict[str, Any],
+        ins: list[cl.Buffer],
+        out: cl.Buffer,
+        scales: dict[str, float],
+        reads: list[str],
+    ) -> Step:
         i32 = np.int32
         name = layer["name"]
         fpga = self.info.kind == "ACCELERATOR"
@@ -364,10 +392,17 @@ class Engine:
             res = ins[1] if layer.get("residual") else out  # unused when the flag is off
             scale = self._weights.get(f"{name}.scale", self._weights[f"{name}.bias"])
             flags = (1 if layer.get("residual") else 0) | (2 if layer["relu"] else 0)
-            k = self._kernel("conv_gemm", ins[0], self._weights[f"{name}.packed"], self._weights[f"{name}.bias"],
-                             scale, res, out, self._weights["zeros"],
-                             *(i32(v) for v in (h, w, cin, oh, ow, cout, kh, kw, layer["stride"],
-                                                layer["padding"], m, flags)))
+            k = self._kernel(
+                "conv_gemm",
+                ins[0],
+                self._weights[f"{name}.packed"],
+                self._weights[f"{name}.bias"],
+                scale,
+                res,
+                out,
+                self._weights["zeros"],
+                *(i32(v) for v in (h, w, cin, oh, ow, cout, kh, kw, layer["stride"], layer["padding"], m, flags)),
+            )
             t = self.tiles
             rows = -(-m // t.mr)
             lr = min(t.wg_rows, rows)
@@ -378,8 +413,12 @@ class Engine:
         if kind == "maxpool":
             h, w, c = self.shapes[layer["input"]]
             oh, ow, _ = self.shapes[layer["output"]]
-            k = self._kernel("maxpool", ins[0], out, *(i32(v) for v in (h, w, c, oh, ow, layer["kernel"],
-                                                                          layer["stride"], layer["padding"])))
+            k = self._kernel(
+                "maxpool",
+                ins[0],
+                out,
+                *(i32(v) for v in (h, w, c, oh, ow, layer["kernel"], layer["stride"], layer["padding"])),
+            )
             return Step(name, "maxpool", k, (n * oh * ow, c), (1, 1) if fpga else None, 0)
         if kind == "global_avgpool":
             h, w, c = self.shapes[layer["input"]]
@@ -387,8 +426,9 @@ class Engine:
             return Step(name, "avgpool", k, (n, c), (1, 1) if fpga else None, n * h * w * c)
         if kind == "linear":
             c, j = layer["in_features"], layer["out_features"]
-            k = self._kernel("linear", ins[0], self._weights[f"{name}.weight"], self._weights[f"{name}.bias"],
-                             out, i32(c), i32(j))
+            k = self._kernel(
+                "linear", ins[0], self._weights[f"{name}.weight"], self._weights[f"{name}.bias"], out, i32(c), i32(j)
+            )
             return Step(name, "linear", k, (n, j), (1, 1) if fpga else None, 2 * n * c * j)
         raise UnsupportedLayerError(f"layer {name} has unsupported op {kind!r} (reads {reads})")
 
@@ -423,16 +463,16 @@ class Engine:
             out[name] = host.transpose(0, 3, 1, 2) if host.ndim == 4 else host
         return out
 
-    def _forward(self, x: np.ndarray, keep_events: bool = False,
-                 plan: BatchPlan | None = None) -> tuple[np.ndarray, list[cl.Event], BatchPlan]:
+    def _forward(
+        self, x: np.ndarray, keep_events: bool = False, plan: BatchPlan | None = None
+    ) -> tuple[np.ndarray, list[cl.Event], BatchPlan]:
         with self._lock:
             plan = plan or self._batch_plan(len(x))
             host = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # NCHW -> NHWC
             if self.precision == "fp16":
                 host = host.astype(np.float16)
             cl.enqueue_copy(self.queue, plan.input_buf, host, is_blocking=False)
-            events = [cl.enqueue_nd_range_kernel(self.queue, s.kernel, s.global_size, s.local_size)
-                      for s in plan.steps]
+            events = [cl.enqueue_nd_range_kernel(self.queue, s.kernel, s.global_size, s.local_size) for s in plan.steps]
             out = np.empty(plan.output_shape, np.float32)
             cl.enqueue_copy(self.queue, out, plan.output_buf, is_blocking=True)
             if not keep_events:

@@ -79,12 +79,21 @@ class _PlanBuilder:
         conv, bn = _check_conv(name, conv), _check_bn(f"{name} (batch-norm)", bn)
         w, b = fold_bn(conv, bn)
         out = self.tensor()
-        self.layers.append({
-            "name": name, "op": "conv", "input": src, "output": out,
-            "cin": conv.in_channels, "cout": conv.out_channels, "kernel": list(conv.kernel_size),
-            "stride": conv.stride[0], "padding": conv.padding[0],
-            "relu": relu, "residual": residual,
-        })
+        self.layers.append(
+            {
+                "name": name,
+                "op": "conv",
+                "input": src,
+                "output": out,
+                "cin": conv.in_channels,
+                "cout": conv.out_channels,
+                "kernel": list(conv.kernel_size),
+                "stride": conv.stride[0],
+                "padding": conv.padding[0],
+                "relu": relu,
+                "residual": residual,
+            }
+        )
         self.tensors[f"{name}.weight"] = w
         self.tensors[f"{name}.bias"] = b
         return out
@@ -97,7 +106,8 @@ def _block(pb: _PlanBuilder, name: str, block: nn.Module, src: str) -> str:
         convs = [("conv1", "bn1"), ("conv2", "bn2")]
     else:
         raise UnsupportedLayerError(
-            f"{name} is {type(block).__name__}; expected a torchvision Bottleneck or BasicBlock")
+            f"{name} is {type(block).__name__}; expected a torchvision Bottleneck or BasicBlock"
+        )
     identity = src
     if block.downsample is not None:
         ds = block.downsample
@@ -108,8 +118,9 @@ def _block(pb: _PlanBuilder, name: str, block: nn.Module, src: str) -> str:
     for i, (c, b) in enumerate(convs):
         last = i == len(convs) - 1
         # The block's final ReLU comes after the residual add; both fuse into the last conv.
-        x = pb.conv(f"{name}.{c}", getattr(block, c), getattr(block, b), x, relu=True,
-                    residual=identity if last else None)
+        x = pb.conv(
+            f"{name}.{c}", getattr(block, c), getattr(block, b), x, relu=True, residual=identity if last else None
+        )
     return x
 
 
@@ -127,8 +138,17 @@ def build_plan(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, np.nda
     if not isinstance(mp, nn.MaxPool2d) or mp.dilation != 1 or mp.ceil_mode:
         raise UnsupportedLayerError(f"maxpool is {mp}; expected MaxPool2d without dilation or ceil_mode")
     out = pb.tensor()
-    pb.layers.append({"name": "maxpool", "op": "maxpool", "input": x, "output": out,
-                      "kernel": int(mp.kernel_size), "stride": int(mp.stride), "padding": int(mp.padding)})
+    pb.layers.append(
+        {
+            "name": "maxpool",
+            "op": "maxpool",
+            "input": x,
+            "output": out,
+            "kernel": int(mp.kernel_size),
+            "stride": int(mp.stride),
+            "padding": int(mp.padding),
+        }
+    )
     x = out
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for i, block in enumerate(getattr(model, stage)):
@@ -142,8 +162,16 @@ def build_plan(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, np.nda
     if not isinstance(fc, nn.Linear):
         raise UnsupportedLayerError(f"fc is {type(fc).__name__}, expected Linear")
     logits = pb.tensor()
-    pb.layers.append({"name": "fc", "op": "linear", "input": out, "output": logits,
-                      "in_features": fc.in_features, "out_features": fc.out_features})
+    pb.layers.append(
+        {
+            "name": "fc",
+            "op": "linear",
+            "input": out,
+            "output": logits,
+            "in_features": fc.in_features,
+            "out_features": fc.out_features,
+        }
+    )
     pb.tensors["fc.weight"] = fc.weight.detach().float().numpy().copy()
     bias = fc.bias.detach().float().numpy() if fc.bias is not None else np.zeros(fc.out_features, np.float32)
     pb.tensors["fc.bias"] = bias.copy()
@@ -172,14 +200,15 @@ def _narrow(layers: list[dict[str, Any]], fp32: dict[str, np.ndarray], precision
     return out
 
 
-def calibrate_int8(plan: dict[str, Any], weights: dict[str, np.ndarray], images: np.ndarray,
-                   percentile: float = 99.99) -> dict[str, float]:
+def calibrate_int8(
+    plan: dict[str, Any], weights: dict[str, np.ndarray], images: np.ndarray, percentile: float = 99.99
+) -> dict[str, float]:
     """Per-tensor activation scales: the ``percentile`` of |x| of every conv input over ``images``."""
     from fpga_runtime.reference import run_reference
 
     record: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(images), 32):
-        run_reference(plan, weights, "fp32", images[start:start + 32], record=record)
+        run_reference(plan, weights, "fp32", images[start : start + 32], record=record)
     scales = {}
     for name, chunks in record.items():
         values = torch.cat([c.abs().flatten() for c in chunks]).double()
@@ -191,9 +220,16 @@ def calibrate_int8(plan: dict[str, Any], weights: dict[str, np.ndarray], images:
     return scales
 
 
-def export_model(model: nn.Module, out_dir: str | Path, precisions: Iterable[str] = ("fp32",), *,
-                 image_size: int = 64, calibration: np.ndarray | None = None,
-                 percentile: float = 99.99, overwrite: bool = False) -> Path:
+def export_model(
+    model: nn.Module,
+    out_dir: str | Path,
+    precisions: Iterable[str] = ("fp32",),
+    *,
+    image_size: int = 64,
+    calibration: np.ndarray | None = None,
+    percentile: float = 99.99,
+    overwrite: bool = False,
+) -> Path:
     """Export ``model`` (a torchvision ResNet) into the package directory ``out_dir``.
 
     ``calibration`` (float32 [N, C, S, S]) is required for int8, whose activation scales are
@@ -215,22 +251,32 @@ def export_model(model: nn.Module, out_dir: str | Path, precisions: Iterable[str
     finally:
         model.train(was_training)
     plan: dict[str, Any] = {
-        "format": PLAN_FORMAT, "version": PLAN_VERSION,
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
         "model": type(model).__name__,
-        "input": {"layout": "NCHW", "dtype": "float32", "channels": channels,
-                  "height": image_size, "width": image_size},
+        "input": {
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": channels,
+            "height": image_size,
+            "width": image_size,
+        },
         "classes": list(CLASSES) if layers[-1]["out_features"] == len(CLASSES) else None,
-        "output": layers[-1]["output"], "output_kind": "logits",
+        "output": layers[-1]["output"],
+        "output_kind": "logits",
         "bfp_block": quantize.BFP_BLOCK,
-        "layers": layers, "precisions": {p: {} for p in precisions},
+        "layers": layers,
+        "precisions": {p: {} for p in precisions},
     }
     if "int8" in precisions:
         if calibration is None or len(calibration) == 0:
             raise ConfigError("int8 export needs calibration images (float32 [N, C, S, S]); pass --calibration")
         calibration = np.asarray(calibration, dtype=np.float32)
         if calibration.ndim != 4 or calibration.shape[1:] != (channels, image_size, image_size):
-            raise ConfigError(f"calibration images have shape {calibration.shape}, expected [N, {channels}, "
-                              f"{image_size}, {image_size}]")
+            raise ConfigError(
+                f"calibration images have shape {calibration.shape}, expected [N, {channels}, "
+                f"{image_size}, {image_size}]"
+            )
         plan["precisions"]["int8"] = {
             "activation_scales": calibrate_int8(plan, fp32, calibration, percentile),
             "calibration": {"images": len(calibration), "percentile": percentile},
@@ -282,13 +328,15 @@ def load_images(path: str | Path, key: str = "images") -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fpga_runtime.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fpga_runtime.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="trained tagger, a resnet50 state_dict in .safetensors")
     parser.add_argument("--out", required=True, help="package directory to write")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=quantize.PRECISIONS)
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="input size S (default: from --calibration, else 64)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="input size S (default: from --calibration, else 64)"
+    )
     parser.add_argument("--calibration", help=".npy/.npz images [N, C, S, S] for int8 activation scales")
     parser.add_argument("--calibration-count", type=int, default=256, help="images used for calibration")
     parser.add_argument("--percentile", type=float, default=99.99, help="|activation| percentile of an int8 scale")
@@ -297,8 +345,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_torch_model(args.model)
     calib = load_images(args.calibration)[: args.calibration_count] if args.calibration else None
     size = args.image_size or (calib.shape[-1] if calib is not None else 64)
-    path = export_model(model, args.out, args.precision, image_size=size, calibration=calib,
-                        percentile=args.percentile, overwrite=args.overwrite)
+    path = export_model(
+        model,
+        args.out,
+        args.precision,
+        image_size=size,
+        calibration=calib,
+        percentile=args.percentile,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {path} ({', '.join(args.precision)})")
     return 0
 

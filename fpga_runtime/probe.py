@@ -47,8 +47,9 @@ def _run_child(args: list[str], what: str, timeout: float) -> dict[str, Any]:
     tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
-        raise errors.KernelProbeError(f"{what}: the probe process died with {sig}; the kernels would crash "
-                                      f"this process too. Last output:\n{tail}")
+        raise errors.KernelProbeError(
+            f"{what}: the probe process died with {sig}; the kernels would crash this process too. Last output:\n{tail}"
+        )
     lines = [ln for ln in (proc.stdout or "").splitlines() if ln.startswith("{")]
     if not lines:
         raise errors.KernelProbeError(f"{what}: probe exited with status {proc.returncode} without a result:\n{tail}")
@@ -61,16 +62,29 @@ def _run_child(args: list[str], what: str, timeout: float) -> dict[str, Any]:
     return result
 
 
-def probe_engine_kernels(info: DeviceInfo, precision: str, tiles: Any, binary_dir: Path | None,
-                         timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any] | None:
+def probe_engine_kernels(
+    info: DeviceInfo, precision: str, tiles: Any, binary_dir: Path | None, timeout: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any] | None:
     """Probe the engine kernels for (device, precision, tiles) once per process; raises on failure."""
     key = (info.platform, info.name, precision, tiles, str(binary_dir))
     with _lock:
         if key in _passed:
             return None
-    args = ["engine", "--device", f"{info.platform}:{info.name}", "--precision", precision,
-            "--mr", str(tiles.mr), "--vw", str(tiles.vw), "--wg-rows", str(tiles.wg_rows),
-            "--wg-panels", str(tiles.wg_panels)]
+    args = [
+        "engine",
+        "--device",
+        f"{info.platform}:{info.name}",
+        "--precision",
+        precision,
+        "--mr",
+        str(tiles.mr),
+        "--vw",
+        str(tiles.vw),
+        "--wg-rows",
+        str(tiles.wg_rows),
+        "--wg-panels",
+        str(tiles.wg_panels),
+    ]
     if binary_dir is not None:
         args += ["--binary-dir", str(binary_dir)]
     result = _run_child(args, f"{precision} kernels on {info.label()}", timeout)
@@ -79,8 +93,9 @@ def probe_engine_kernels(info: DeviceInfo, precision: str, tiles: Any, binary_di
     return result
 
 
-def probe_source(path: str | Path, kernel: str, device: str | None = None, options: str = "",
-                 timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+def probe_source(
+    path: str | Path, kernel: str, device: str | None = None, options: str = "", timeout: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
     """Build ``path`` and launch ``kernel(float* buf)`` over 64 items in a child process."""
     args = ["source", str(path), "--kernel", kernel, "--options", options]
     if device:
@@ -109,16 +124,25 @@ def _child_engine(args: argparse.Namespace) -> dict[str, Any]:
     images = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         pkg = export_model(model, Path(tmp) / "pkg", [args.precision], image_size=32, calibration=images)
-        engine = Engine.from_package(pkg, device=args.device, precision=args.precision, probe=False,
-                                     tiles=Tiles(args.mr, args.vw, args.wg_rows, args.wg_panels),
-                                     use_binary=args.binary_dir is not None, binary_dir=args.binary_dir,
-                                     allow_fp16_emulation=True)
+        engine = Engine.from_package(
+            pkg,
+            device=args.device,
+            precision=args.precision,
+            probe=False,
+            tiles=Tiles(args.mr, args.vw, args.wg_rows, args.wg_panels),
+            use_binary=args.binary_dir is not None,
+            binary_dir=args.binary_dir,
+            allow_fp16_emulation=True,
+        )
         got = engine.logits(images)
         ref = run_reference(engine.package.plan, engine.package.weights(args.precision), args.precision, images)
     err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
     if not np.isfinite(got).all() or err > TOLERANCE[args.precision]:
-        return {"ok": False, "error_type": "KernelProbeError",
-                "message": f"kernels ran but computed wrong logits (relative error {err:.2e})"}
+        return {
+            "ok": False,
+            "error_type": "KernelProbeError",
+            "message": f"kernels ran but computed wrong logits (relative error {err:.2e})",
+        }
     return {"ok": True, "max_rel_error": err}
 
 
@@ -140,8 +164,9 @@ def _child_source(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fpga_runtime.probe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fpga_runtime.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="mode", required=True)
     eng = sub.add_parser("engine", help="probe the engine kernels of one precision")
     eng.add_argument("--device", help="device pin (default: automatic selection)")

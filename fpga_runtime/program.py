@@ -117,9 +117,16 @@ def save_binary(program: cl.Program, device: cl.Device, directory: str | Path, p
     stem = binary_stem(info, precision)
     path = directory / f"{stem}.bin"
     path.write_bytes(binary)
-    manifest = {"device": info.name, "platform": info.platform, "driver": info.driver, "precision": precision,
-                "options": options, "source_sha256": hashlib.sha256(kernel_source().encode()).hexdigest(),
-                "binary_sha256": hashlib.sha256(binary).hexdigest(), "bytes": len(binary)}
+    manifest = {
+        "device": info.name,
+        "platform": info.platform,
+        "driver": info.driver,
+        "precision": precision,
+        "options": options,
+        "source_sha256": hashlib.sha256(kernel_source().encode()).hexdigest(),
+        "binary_sha256": hashlib.sha256(binary).hexdigest(),
+        "bytes": len(binary),
+    }
     (directory / f"{stem}.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return path
 
@@ -142,8 +149,10 @@ def load_binary(ctx: cl.Context, device: cl.Device, directory: str | Path, preci
         raise BinaryMismatchError(f"{manifest_path} is not valid JSON: {exc}") from None
     problems = []
     if manifest.get("device") != info.name or manifest.get("platform") != info.platform:
-        problems.append(f"built for {manifest.get('platform')} : {manifest.get('device')}, "
-                        f"this device is {info.platform} : {info.name}")
+        problems.append(
+            f"built for {manifest.get('platform')} : {manifest.get('device')}, "
+            f"this device is {info.platform} : {info.name}"
+        )
     if manifest.get("driver") != info.driver:
         problems.append(f"driver {manifest.get('driver')!r} != {info.driver!r}")
     if manifest.get("options") != options:

@@ -30,8 +30,13 @@ def conv_weight(layer: dict[str, Any], weights: dict[str, np.ndarray], precision
     return torch.from_numpy(np.ascontiguousarray(w)).permute(0, 3, 1, 2)
 
 
-def run_reference(plan: dict[str, Any], weights: dict[str, np.ndarray], precision: str, images: np.ndarray,
-                  record: dict[str, list[torch.Tensor]] | None = None) -> np.ndarray:
+def run_reference(
+    plan: dict[str, Any],
+    weights: dict[str, np.ndarray],
+    precision: str,
+    images: np.ndarray,
+    record: dict[str, list[torch.Tensor]] | None = None,
+) -> np.ndarray:
     """Logits (float64 [N, classes]) of ``images`` (float32 NCHW) through the plan.
 
     With ``record`` given, appends every conv input tensor (by plan tensor name) to it.

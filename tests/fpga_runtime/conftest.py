@@ -39,8 +39,13 @@ def model50() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def pkg50(model50: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
     calib = np.concatenate([jet_images(8, seed=10), random_images(8, seed=11)])
-    return export_model(model50, tmp_path_factory.mktemp("pkg") / "resnet50", ["fp32", "fp16", "int8", "bfp8"],
-                        image_size=IMAGE_SIZE, calibration=calib)
+    return export_model(
+        model50,
+        tmp_path_factory.mktemp("pkg") / "resnet50",
+        ["fp32", "fp16", "int8", "bfp8"],
+        image_size=IMAGE_SIZE,
+        calibration=calib,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +55,9 @@ def engine50(pkg50: Path) -> Callable[[str], Engine]:
 
     def get(precision: str) -> Engine:
         if precision not in cache:
-            cache[precision] = Engine.from_package(pkg50, precision=precision, probe=False,
-                                                   allow_fp16_emulation=True, max_batch_size=8)
+            cache[precision] = Engine.from_package(
+                pkg50, precision=precision, probe=False, allow_fp16_emulation=True, max_batch_size=8
+            )
         return cache[precision]
 
     return get

@@ -44,16 +44,21 @@ def test_pinned_by_environment(monkeypatch: pytest.MonkeyPatch, pkg50: Path) -> 
 
 
 def test_devices_cli_lists_and_picks() -> None:
-    out = subprocess.run([sys.executable, "-m", "fpga_runtime.devices"], capture_output=True, text=True, cwd=ROOT,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fpga_runtime.devices"], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
     info, _ = devices.select_device()
     assert f"would pick: {info.label()}" in out
     assert any(line.startswith("*") and info.name in line for line in out.splitlines())
 
 
 def test_devices_cli_unknown_pin_is_a_clean_error() -> None:
-    proc = subprocess.run([sys.executable, "-m", "fpga_runtime.devices", "--device", "fpga-that-is-not-here"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fpga_runtime.devices", "--device", "fpga-that-is-not-here"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no OpenCL device matches 'fpga-that-is-not-here'")
 
@@ -62,11 +67,17 @@ def test_unwritable_cache_falls_back_to_a_writable_one(tmp_path: Path) -> None:
     """PoCL reports no device when its cache is unwritable; the runtime must redirect it first."""
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file, so nothing can be created below it, not even by root")
-    env = dict(os.environ, HOME=str(blocker), POCL_CACHE_DIR=str(blocker / "pocl"),
-               XDG_CACHE_HOME=str(blocker / "cache"), TMPDIR=str(tmp_path))
+    env = dict(
+        os.environ,
+        HOME=str(blocker),
+        POCL_CACHE_DIR=str(blocker / "pocl"),
+        XDG_CACHE_HOME=str(blocker / "cache"),
+        TMPDIR=str(tmp_path),
+    )
     env.pop(devices.ENV_DEVICE, None)
     code = "from fpga_runtime import devices; print(devices.ensure_pocl_cache()); print(devices.readiness())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                         check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=True
+    ).stdout.splitlines()
     assert out[0].startswith(str(tmp_path))
     assert out[1].startswith("(True")

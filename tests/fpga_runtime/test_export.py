@@ -28,8 +28,13 @@ def test_fold_bn_matches_conv_then_bn(model50: torch.nn.Module) -> None:
     w, b = fold_bn(conv, bn)
     with torch.no_grad():
         ref = bn(conv(x)).double()
-    got = torch.nn.functional.conv2d(x.double(), torch.from_numpy(w).double().permute(0, 3, 1, 2),
-                                     torch.from_numpy(b).double(), conv.stride, conv.padding)
+    got = torch.nn.functional.conv2d(
+        x.double(),
+        torch.from_numpy(w).double().permute(0, 3, 1, 2),
+        torch.from_numpy(b).double(),
+        conv.stride,
+        conv.padding,
+    )
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
     assert float(bn.running_mean.abs().max()) > 0.1  # the statistics really are non-trivial
 
@@ -95,23 +100,52 @@ def test_export_cli_from_safetensors(tmp_path: Path) -> None:
     randomize_bn(model)
     save_file(model.state_dict(), str(tmp_path / "tagger.safetensors"))
     np.savez(tmp_path / "calib.npz", images=np.random.default_rng(0).random((4, 1, 40, 40), dtype=np.float32))
-    proc = subprocess.run([sys.executable, "-m", "fpga_runtime.export", "--model", str(tmp_path / "tagger.safetensors"),
-                           "--out", str(tmp_path / "pkg"), "--precision", "fp32", "bfp8", "int8",
-                           "--calibration", str(tmp_path / "calib.npz")],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fpga_runtime.export",
+            "--model",
+            str(tmp_path / "tagger.safetensors"),
+            "--out",
+            str(tmp_path / "pkg"),
+            "--precision",
+            "fp32",
+            "bfp8",
+            "int8",
+            "--calibration",
+            str(tmp_path / "calib.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     plan = json.loads((tmp_path / "pkg" / "plan.json").read_text())
     assert plan["input"] == {"layout": "NCHW", "dtype": "float32", "channels": 1, "height": 40, "width": 40}
     assert set(plan["precisions"]) == {"fp32", "bfp8", "int8"}
-    bad = subprocess.run([sys.executable, "-m", "fpga_runtime.export", "--model", str(tmp_path / "missing.pt"),
-                          "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fpga_runtime.export",
+            "--model",
+            str(tmp_path / "missing.pt"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: model file")
 
 
 @pytest.mark.parametrize("module", ["export", "devices", "probe", "bench", "accuracy"])
 def test_cli_help(module: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", f"fpga_runtime.{module}", "--help"], capture_output=True, text=True,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"fpga_runtime.{module}", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert proc.returncode == 0 and "usage:" in proc.stdout
 
 

@@ -46,16 +46,21 @@ def test_plan_and_weights_disagree_on_a_shape(pkg_copy: Path) -> None:
 
 
 def test_weights_from_another_export(pkg_copy: Path, tmp_path: Path) -> None:
-    other = export_model(randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=2), seed=3), tmp_path / "other",
-                         ["fp32"], image_size=32)
+    other = export_model(
+        randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=2), seed=3),
+        tmp_path / "other",
+        ["fp32"],
+        image_size=32,
+    )
     shutil.copy(other / "weights-fp32.safetensors", pkg_copy / "weights-fp32.safetensors")
     with pytest.raises(PackageError, match="sha256"):
         Engine.from_package(pkg_copy, probe=False)
 
 
 def test_precision_missing_from_package(tmp_path: Path) -> None:
-    pkg = export_model(randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=2)), tmp_path / "p", ["fp32"],
-                       image_size=32)
+    pkg = export_model(
+        randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=2)), tmp_path / "p", ["fp32"], image_size=32
+    )
     with pytest.raises(PrecisionError, match="without precision 'bfp8'"):
         Engine.from_package(pkg, precision="bfp8", probe=False)
 
@@ -106,9 +111,11 @@ def test_kernel_build_failure_shows_the_log() -> None:
 
 def test_kernel_crash_is_caught_by_the_probe(tmp_path: Path) -> None:
     src = tmp_path / "crash.cl"
-    src.write_text("__kernel void k(__global float* x) {\n"
-                   "  __global float* bad = (__global float*)0x10;  /* unmapped page */\n"
-                   "  bad[get_global_id(0) * 4096] = x[0];\n}\n")
+    src.write_text(
+        "__kernel void k(__global float* x) {\n"
+        "  __global float* bad = (__global float*)0x10;  /* unmapped page */\n"
+        "  bad[get_global_id(0) * 4096] = x[0];\n}\n"
+    )
     with pytest.raises(KernelProbeError, match=r"died with SIG(SEGV|BUS|ABRT)"):
         probe.probe_source(src, "k")
     ok = tmp_path / "ok.cl"
@@ -123,13 +130,16 @@ def test_probe_reports_build_errors_with_their_type(tmp_path: Path) -> None:
         probe.probe_source(src, "k")
 
 
-@pytest.mark.parametrize(("images", "message"), [
-    (np.zeros((2, 1, 32, 32), np.float32), r"shape \[N, 3, 32, 32\], got \[2, 1, 32, 32\]"),
-    (np.zeros((3, 32, 32), np.float32), "shape"),
-    (np.zeros((2, 3, 32, 32), np.int64), "floating point"),
-    (np.full((1, 3, 32, 32), np.nan, np.float32), "NaN"),
-    ([[1.0]], "numpy array"),
-])
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.zeros((2, 1, 32, 32), np.float32), r"shape \[N, 3, 32, 32\], got \[2, 1, 32, 32\]"),
+        (np.zeros((3, 32, 32), np.float32), "shape"),
+        (np.zeros((2, 3, 32, 32), np.int64), "floating point"),
+        (np.full((1, 3, 32, 32), np.nan, np.float32), "NaN"),
+        ([[1.0]], "numpy array"),
+    ],
+)
 def test_bad_input(engine50: Callable[[str], Engine], images: object, message: str) -> None:
     with pytest.raises(InputError, match=message) as info:
         engine50("fp32").predict(images)

@@ -16,27 +16,59 @@ from fpga_runtime.package import PLAN_FORMAT, PLAN_VERSION, load_package, write_
 TOL = 1e-5
 
 
-def make_package(path: Path, channels: int, size: int, layers: list[dict[str, Any]],
-                 tensors: dict[str, np.ndarray]) -> Path:
-    plan = {"format": PLAN_FORMAT, "version": PLAN_VERSION,
-            "input": {"layout": "NCHW", "dtype": "float32", "channels": channels, "height": size, "width": size},
-            "output": layers[-1]["output"], "layers": layers, "precisions": {"fp32": {}}}
+def make_package(
+    path: Path, channels: int, size: int, layers: list[dict[str, Any]], tensors: dict[str, np.ndarray]
+) -> Path:
+    plan = {
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
+        "input": {"layout": "NCHW", "dtype": "float32", "channels": channels, "height": size, "width": size},
+        "output": layers[-1]["output"],
+        "layers": layers,
+        "precisions": {"fp32": {}},
+    }
     return write_package(path, plan, {"fp32": tensors})
 
 
-def conv_layer(name: str, src: str, out: str, cin: int, cout: int, k: int, stride: int, pad: int,
-               relu: bool, residual: str | None,
-               rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    layer = {"name": name, "op": "conv", "input": src, "output": out, "cin": cin, "cout": cout, "kernel": [k, k],
-             "stride": stride, "padding": pad, "relu": relu, "residual": residual}
+def conv_layer(
+    name: str,
+    src: str,
+    out: str,
+    cin: int,
+    cout: int,
+    k: int,
+    stride: int,
+    pad: int,
+    relu: bool,
+    residual: str | None,
+    rng: np.random.Generator,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    layer = {
+        "name": name,
+        "op": "conv",
+        "input": src,
+        "output": out,
+        "cin": cin,
+        "cout": cout,
+        "kernel": [k, k],
+        "stride": stride,
+        "padding": pad,
+        "relu": relu,
+        "residual": residual,
+    }
     w = (rng.normal(size=(cout, k, k, cin)) / np.sqrt(k * k * cin)).astype(np.float32)
     b = rng.normal(size=cout).astype(np.float32)
     return layer, {f"{name}.weight": w, f"{name}.bias": b}
 
 
 def torch_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int) -> torch.Tensor:
-    return F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double().permute(0, 3, 1, 2),
-                    torch.from_numpy(b).double(), stride, pad)
+    return F.conv2d(
+        torch.from_numpy(x).double(),
+        torch.from_numpy(w).double().permute(0, 3, 1, 2),
+        torch.from_numpy(b).double(),
+        stride,
+        pad,
+    )
 
 
 def rel_err(got: np.ndarray, ref: np.ndarray | torch.Tensor) -> float:
@@ -59,8 +91,9 @@ CONVS = [
 
 @pytest.mark.parametrize(("cin", "cout", "k", "stride", "pad", "size"), CONVS)
 @pytest.mark.parametrize("relu", [False, True])
-def test_conv_matches_torch(tmp_path: Path, cin: int, cout: int, k: int, stride: int, pad: int, size: int,
-                            relu: bool) -> None:
+def test_conv_matches_torch(
+    tmp_path: Path, cin: int, cout: int, k: int, stride: int, pad: int, size: int, relu: bool
+) -> None:
     rng = np.random.default_rng(cin * 100 + k)
     layer, tensors = conv_layer("c", "input", "t1", cin, cout, k, stride, pad, relu, None, rng)
     engine = Engine.from_package(make_package(tmp_path, cin, size, [layer], tensors), probe=False)
@@ -81,8 +114,16 @@ def test_residual_epilogue(tmp_path: Path) -> None:
     engine = Engine.from_package(make_package(tmp_path, 16, 6, [l1, l2], {**t1, **t2}), probe=False)
     x = rng.normal(size=(2, 16, 6, 6)).astype(np.float32)
     a = torch.relu(torch_conv(x, t1["a.weight"], t1["a.bias"], 1, 0))
-    ref = torch.relu(F.conv2d(a, torch.from_numpy(t2["b.weight"]).double().permute(0, 3, 1, 2),
-                              torch.from_numpy(t2["b.bias"]).double(), 1, 1) + a)
+    ref = torch.relu(
+        F.conv2d(
+            a,
+            torch.from_numpy(t2["b.weight"]).double().permute(0, 3, 1, 2),
+            torch.from_numpy(t2["b.bias"]).double(),
+            1,
+            1,
+        )
+        + a
+    )
     assert rel_err(engine.intermediates(x)["t2"], ref) < TOL
 
 
@@ -93,8 +134,10 @@ def test_pooling_and_head(tmp_path: Path) -> None:
         {"name": "avgpool", "op": "global_avgpool", "input": "t1", "output": "t2"},
         {"name": "fc", "op": "linear", "input": "t2", "output": "t3", "in_features": 32, "out_features": 2},
     ]
-    tensors = {"fc.weight": rng.normal(size=(2, 32)).astype(np.float32),
-               "fc.bias": rng.normal(size=2).astype(np.float32)}
+    tensors = {
+        "fc.weight": rng.normal(size=(2, 32)).astype(np.float32),
+        "fc.bias": rng.normal(size=2).astype(np.float32),
+    }
     engine = Engine.from_package(make_package(tmp_path, 32, 11, layers, tensors), probe=False)
     assert load_package(tmp_path).layers[0]["op"] == "maxpool"
     x = rng.normal(size=(3, 32, 11, 11)).astype(np.float32)

@@ -36,8 +36,11 @@ def test_residual_blocks_layer_by_layer(engine50: Callable[[str], Engine], model
     engine = engine50("fp32")
     x = jet_images(2, seed=7)
     seen: dict[str, np.ndarray] = {}
-    hooks = [mod.register_forward_hook(lambda _m, _i, out, n=name: seen.__setitem__(n, out.detach().numpy()))
-             for name, mod in model50.named_modules() if name.count(".") == 1 and name.startswith("layer")]
+    hooks = [
+        mod.register_forward_hook(lambda _m, _i, out, n=name: seen.__setitem__(n, out.detach().numpy()))
+        for name, mod in model50.named_modules()
+        if name.count(".") == 1 and name.startswith("layer")
+    ]
     hooks.append(model50.maxpool.register_forward_hook(lambda _m, _i, out: seen.__setitem__("maxpool", out.numpy())))
     try:
         torch_logits(model50, x)
@@ -53,8 +56,9 @@ def test_residual_blocks_layer_by_layer(engine50: Callable[[str], Engine], model
 
 
 @pytest.mark.parametrize("precision", ["int8", "bfp8", "fp16"])
-def test_narrow_precision_matches_its_emulation(engine50: Callable[[str], Engine], model50: torch.nn.Module,
-                                                precision: str) -> None:
+def test_narrow_precision_matches_its_emulation(
+    engine50: Callable[[str], Engine], model50: torch.nn.Module, precision: str
+) -> None:
     """The kernels compute what the format defines (reference emulation), and stay near fp32."""
     engine = engine50(precision)
     x = np.concatenate([jet_images(3, seed=8), random_images(3, seed=9)])
@@ -71,7 +75,7 @@ def test_batches_split_and_reuse(engine50: Callable[[str], Engine]) -> None:
     engine = engine50("fp32")
     x = jet_images(11, seed=12)
     whole = engine.logits(x)  # 8 + 3 with max_batch_size=8
-    singles = np.concatenate([engine.logits(x[i:i + 1]) for i in range(len(x))])
+    singles = np.concatenate([engine.logits(x[i : i + 1]) for i in range(len(x))])
     assert np.allclose(whole, singles, rtol=1e-5, atol=1e-5)
     assert np.array_equal(engine.logits(x), whole)  # buffers reused, result unchanged
     probs = engine.predict(x)
@@ -125,8 +129,9 @@ def test_binary_missing_for_this_device(pkg50: Path, engine50: Callable[[str], E
         Engine.from_package(pkg50, precision="fp32", probe=False, use_binary=True, binary_dir=tmp_path)
 
 
-def test_truncated_binary_is_refused_before_the_driver_sees_it(pkg50: Path, engine50: Callable[[str], Engine],
-                                                               tmp_path: Path) -> None:
+def test_truncated_binary_is_refused_before_the_driver_sees_it(
+    pkg50: Path, engine50: Callable[[str], Engine], tmp_path: Path
+) -> None:
     # PoCL segfaults on a truncated binary; the manifest hash must stop it first.
     path = engine50("fp32").save_binary(tmp_path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -327,7 +327,6 @@ def test_containers_are_unprivileged_and_non_root(built: dict[str, list[dict[str
             assert ctx.get("runAsNonRoot", True) is True and ctx.get("runAsUser", 1) != 0, container["name"]
 
 
-
 def test_cpu_autoscaling_component_for_clusters_without_keda(
     tmp_path: Path, crd_schemas: dict[str, dict[str, Any]]
 ) -> None:
