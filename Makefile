@@ -33,10 +33,12 @@ $(STAMP): requirements.txt
 test: $(STAMP)  ## lint, then the whole test suite
 	@mkdir -p $(POCL_CACHE_DIR)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
-lint: $(STAMP)  ## ruff
+lint: $(STAMP)  ## ruff (lint and formatting)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 MLFLOW_PORT ?= 5000
 
