@@ -52,6 +52,33 @@ def test_a_lone_request_waits_at_most_max_latency() -> None:
     assert asyncio.run(asyncio.wait_for(scenario(), timeout=10)) < 5
 
 
+def test_closed_loop_clients_in_two_groups_are_merged_into_full_batches() -> None:
+    """Two groups of closed-loop clients, each answered while the other's batch runs, must not
+    stay split: the batcher waits (within max_latency) for the group answered last."""
+    sizes: list[int] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        time.sleep(0.04)  # the device is busy long after the second group has queued
+        return row_sums(batch)
+
+    async def client(batcher: DynamicBatcher, start_delay: float, rounds: int) -> None:
+        await asyncio.sleep(start_delay)
+        for _ in range(rounds):
+            await batcher.submit(np.ones((1, 2), np.float32))
+            await asyncio.sleep(0.001)  # the client's own work before it sends again
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=8, max_latency_ms=15, max_queue=100)
+        # group A starts at once, group B while A's first batch is running
+        await asyncio.gather(*(client(batcher, 0.0 if i < 4 else 0.01, 12) for i in range(8)))
+        await batcher.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert sizes[0] == 4, sizes  # group B arrived while group A was already running
+    assert set(sizes[1:-1]) == {8}, sizes  # merged from the second batch on; the last may be a straggler
+
+
 def test_full_queue_answers_at_once() -> None:
     release = threading.Event()
 
