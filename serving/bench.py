@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.cli import run_cli
+from components.cli import positive_int, run_cli
 from components.errors import ConfigError
 from components.jetdata import N_CONSTITUENTS
 from components.local_serving import start_local
@@ -204,8 +204,9 @@ def sample_inputs(model_uri: str, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
     from components.generate import generate_jets
     from serving.backends import load_backend
 
+    backend = load_backend(model_uri, "torch")  # first: a bad URI fails before any generation
     jets = generate_jets(n // 2, n - n // 2, seed=31, workers=2).constituents
-    images = np.ascontiguousarray(load_backend(model_uri, "torch").render(jets))
+    images = np.ascontiguousarray(backend.render(jets))
     return jets, images
 
 
@@ -406,14 +407,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--protocols", default="grpc,rest", type=lambda s: s.split(","))
     parser.add_argument("--inputs", default="images,constituents", type=lambda s: s.split(","))
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per point")
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=positive_int, default=16)
     parser.add_argument(
         "--max-latency-ms",
         type=float,
         default=20.0,
         help="server batching wait; 16 closed-loop clients on these 2 shared cores need ~10 ms to send again",
     )
-    parser.add_argument("--headline-clients", type=int, default=16, help="client count of the headline ratios")
+    parser.add_argument("--headline-clients", type=positive_int, default=16, help="client count of the headline ratios")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-KServe peer")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/serving"))
     parser.add_argument("--mlflow-run-id", help="log the JSON, table and plots to this MLflow run")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ CEILING = {
     "best_batch": 32,
     "best_throughput": 260.0,
 }
+ROOT = Path(__file__).resolve().parents[2]
 WIRE = {"constituents": 3277, "images": 602186, "ratio": 602186 / 3277}
 
 
@@ -42,3 +46,21 @@ def test_summary_leaves_out_what_was_not_measured() -> None:
 def test_bad_lists_are_named(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=r"expected comma-separated|must be >= 1"):
         parse_list(text)
+
+
+def test_cli_help_and_a_bad_model_uri_fail_fast(tmp_path: Path) -> None:
+    help_text = subprocess.run(
+        [sys.executable, "-m", "serving.bench", "--help"], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
+    assert "--model-uri" in help_text and "--headline-clients" in help_text
+    missing = tmp_path / "no-such-model"
+    bad = subprocess.run(
+        [sys.executable, "-m", "serving.bench", "--model-uri", str(missing), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert bad.returncode != 0
+    assert str(missing) in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "out" / "serving_bench.json").exists()
