@@ -264,7 +264,7 @@ def _pixelate(
     Padding has pT = 0, so it carries zero weight through every sum and into the image. Centring,
     rotation and pixel scaling are one affine map per jet, applied in a single pass: the centre
     and the second moments come from raw sums over the axis-relative coordinates, and the map is
-    built on the small [B, 1] per-jet tensors. That halves the full-size passes over [B, M].
+    built on the small [B, 1] per-jet tensors: far fewer full-size passes over [B, M].
     """
     # hypot, not _norm: padding is exactly zero here, and sqrt(0) takes a slow path on CPU.
     w = torch.hypot(px, py)
@@ -308,8 +308,10 @@ def _pixelate(
         # (x * a).addcmul_(...).add_(c): a [B, 1] first operand of addcmul broadcasts slowly.
         u = (x * cos_t).addcmul_(y, sin_t).add_(-(cos_t * cx + sin_t * cy))
         v = (y * cos_t).addcmul_(x, -sin_t).add_(sin_t * cx - cos_t * cy)
-    else:
+    elif center == "centroid":
         u, v = (x - cx) * scale, (y - cy) * scale
+    else:
+        u, v = x * scale, y * scale
 
     # Inclusive window as in CMSSW, |u|, |v| <= size / 2 pixels, as a float 0/1 factor:
     # clamp(sign(size / 2 - max(|u|, |v|)) + 1, 0, 1) avoids boolean tensors, which cost several
