@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-latency-ms",
         type=float,
         default=float(_env("MAX_LATENCY_MS", "5")),
-        help="longest wait for a batch to fill (env MAX_LATENCY_MS)",
+        help="longest wait for a batch to fill once the device is free (env MAX_LATENCY_MS)",
     )
     parser.add_argument(
         "--max-queue",
