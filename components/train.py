@@ -65,6 +65,9 @@ class TrainConfig:
     test_fraction: float = 0.15
     max_steps_per_epoch: int | None = None
     amp: bool = True
+    # A separate validation file (path or s3://), e.g. the reference dataset's val.h5: then all of
+    # the training data trains and the fractions are not used. Kept here so --resume checks it.
+    val_data: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -204,14 +207,18 @@ def train(
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train on the seeded train split of ``jets``; returns the history and the best epoch's AUC."""
+    """Train on the seeded train split of ``jets`` (all of it when ``config.val_data`` names a
+    separate validation file); returns the history and the best epoch's AUC."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    train_idx, val_idx, test_idx = split_indices(len(jets), config.seed, config.val_fraction, config.test_fraction)
-    train_jets, val_jets = jets[train_idx], jets[val_idx]
+    if config.val_data:
+        train_jets, val_jets, n_test = jets, read_jets(config.val_data), 0
+    else:
+        train_idx, val_idx, test_idx = split_indices(len(jets), config.seed, config.val_fraction, config.test_fraction)
+        train_jets, val_jets, n_test = jets[train_idx], jets[val_idx], len(test_idx)
     if len(np.unique(train_jets.labels)) < 2 or len(np.unique(val_jets.labels)) < 2:
-        raise DataError("the train and validation splits each need both top and QCD jets")
+        raise DataError("the train and validation sets each need both top and QCD jets")
 
     torch.manual_seed(config.seed)
     model = build_model(config.tagger)
@@ -239,7 +246,7 @@ def train(
         log.info("resuming from %s after epoch %d (best val AUC %.4f)", checkpoint_path, state["epoch"], best_auc)
     log.info(
         "training on %d jets (validation %d, test %d held out), %d steps per epoch, device %s%s",
-        len(train_jets), len(val_jets), len(test_idx), len(loader), dev, f", AMP {amp_dtype}" if amp_dtype else "",
+        len(train_jets), len(val_jets), n_test, len(loader), dev, f", AMP {amp_dtype}" if amp_dtype else "",
     )  # fmt: skip
 
     from tqdm import tqdm
@@ -309,7 +316,7 @@ def train(
         "config": config.to_dict(),
         "n_train": len(train_jets),
         "n_val": len(val_jets),
-        "n_test": len(test_idx),
+        "n_test": n_test,
     }
     (out_dir / HISTORY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -348,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
     group.add_argument("--seed", type=int, default=defaults.seed, help="seeds the split, initialisation and order")
     group.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
+    group.add_argument(
+        "--val-data",
+        default=None,
+        help="separate validation jets (path or s3://, e.g. the reference val.h5): all of --data trains",
+    )
     group.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
@@ -378,6 +390,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         test_fraction=args.test_fraction,
         max_steps_per_epoch=args.max_steps_per_epoch,
         amp=args.amp,
+        val_data=args.val_data,
     )
 
 

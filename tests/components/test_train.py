@@ -145,6 +145,24 @@ def test_resume_without_checkpoint_and_bad_settings(small_jets: JetBatch, tmp_pa
         train(TINY, one_class, tmp_path / "one", device="cpu", progress=False)
 
 
+def test_separate_validation_file_trains_on_all_of_data_and_guards_resume(
+    small_jets: JetBatch, jets_file: Path, tmp_path: Path
+) -> None:
+    from components.jetdata import write_jets
+
+    val_path = tmp_path / "val.h5"
+    write_jets(val_path, small_jets[::4])
+    config = replace(TINY, epochs=1, val_data=str(val_path))
+    summary = train(config, small_jets, tmp_path / "run", device="cpu", progress=False)
+    assert (summary["n_train"], summary["n_val"], summary["n_test"]) == (len(small_jets), len(small_jets[::4]), 0)
+    assert summary["config"]["val_data"] == str(val_path)
+    # resuming with another validation file would change what "best epoch" means
+    with pytest.raises(ConfigError, match="val_data"):
+        train(replace(config, val_data=str(jets_file)), small_jets, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(DataError, match=r"missing-val\.h5"):
+        train(replace(TINY, val_data=str(tmp_path / "missing-val.h5")), small_jets, tmp_path / "x", progress=False)
+
+
 def test_cli_help_and_errors(jets_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
