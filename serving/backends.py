@@ -25,6 +25,7 @@ OPENCL_PACKAGE = "opencl"  # the fpga_runtime export inside a model folder
 class Backend(ABC):
     """Runs the tagger on one device; ``predict`` is called from one thread at a time."""
 
+    kind: str  # one of BACKENDS: what actually serves, which a fallback can make differ from the request
     description: str
     channels: int
     image_config: ImageConfig
@@ -49,6 +50,8 @@ class Backend(ABC):
 
 
 class TorchBackend(Backend):
+    kind = "torch"
+
     def __init__(self, model_dir: Path, device: str | None = None, threads: int | None = None) -> None:
         import torch
         from torchvision.models.resnet import ResNet
@@ -77,6 +80,8 @@ class TorchBackend(Backend):
 
 
 class OpenCLBackend(Backend):
+    kind = "opencl"
+
     def __init__(self, model_dir: Path, device: str | None = None, precision: str = "fp32") -> None:
         from components.model import read_config
         from fpga_runtime import Engine
@@ -92,7 +97,7 @@ class OpenCLBackend(Backend):
         self.image_config = config.image
         self.channels = self.engine.input_shape[0]
         self.max_batch_size = self.engine.max_batch_size
-        self.description = f"opencl ({precision}) on {self.engine.device.name}"
+        self.description = f"opencl ({precision}) on {self.engine.info.label()} ({self.engine.info.kind})"
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         if images.shape[1] != self.channels:  # 1-channel images for a 3-channel network

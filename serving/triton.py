@@ -25,7 +25,10 @@ VERSION = "1"
 
 def model_config(model: TopTagger) -> model_config_pb2.ModelConfig:
     """The model's configuration as Triton describes it (dims exclude the batch dimension)."""
-    config = model_config_pb2.ModelConfig(name=model.name, platform=PLATFORM, backend=model.backend_name)
+    # The backend that serves, not the one asked for: after a fallback (--fallback torch on a node
+    # whose FPGA is missing) clients and operators see the truth here.
+    backend = model.backend.kind if model.backend is not None else model.backend_name
+    config = model_config_pb2.ModelConfig(name=model.name, platform=PLATFORM, backend=backend)
     contract = model.contract
     if contract is None:
         return config

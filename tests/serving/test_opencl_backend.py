@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from components.jetdata import JetBatch
 from components.model import load_model
 from serving.backends import OPENCL_PACKAGE, TorchBackend
 from serving.client import TaggerClient
+from serving.triton_protos import extensions_pb2
 from tests.serving.conftest import IMAGE_SIZE, start_server, stop_server
 
 
@@ -66,6 +68,16 @@ def test_no_opencl_device_means_not_ready_unless_a_fallback_is_given(
     try:
         assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
         assert "falling back to torch" in server.log_text()
+        # Triton's ModelConfig names the backend that serves, not the one asked for
+        with grpc.insecure_channel(server.grpc_url.removeprefix("grpc://")) as channel:
+            model_config = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelConfig",
+                request_serializer=extensions_pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=extensions_pb2.ModelConfigResponse.FromString,
+            )
+            assert (
+                model_config(extensions_pb2.ModelConfigRequest(name="top-tagger"), timeout=10).config.backend == "torch"
+            )
     finally:
         stop_server(server)
     assert os.environ["TOPTAGGER_OPENCL_DEVICE"] == "no-such-fpga-board"
