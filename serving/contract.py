@@ -16,10 +16,14 @@ gRPC INVALID_ARGUMENT, with a message that says what is wrong.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from kserve.errors import InvalidInput
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.infer_type import InferRequest
 
 from components.jetdata import N_CONSTITUENTS
@@ -28,6 +32,7 @@ MODEL_NAME = "top-tagger"
 IMAGES, CONSTITUENTS, PROBABILITIES = "images", "constituents", "probabilities"
 CLASSES = ("qcd", "top")
 DATATYPE = "FP32"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,35 +64,72 @@ class Contract:
         return (TensorSpec(PROBABILITIES, (len(CLASSES),)),)
 
     def parse(self, request: InferRequest) -> tuple[str, np.ndarray]:
-        """Validate a v2 request; return the input's name and its float32 array."""
-        if len(request.inputs) != 1:
-            names = [i.name for i in request.inputs]
-            raise InvalidInput(f"send exactly one input, '{IMAGES}' or '{CONSTITUENTS}'; got {len(names)}: {names}")
-        tensor = request.inputs[0]
-        specs = {spec.name: spec for spec in self.inputs}
-        spec = specs.get(tensor.name)
-        if spec is None:
-            raise InvalidInput(f"unknown input '{tensor.name}'; expected '{IMAGES}' or '{CONSTITUENTS}'")
-        if tensor.datatype != DATATYPE:
-            raise InvalidInput(f"input '{tensor.name}' must be {DATATYPE}, got {tensor.datatype}")
-        shape = [int(d) for d in tensor.shape]
-        expected = [-1, *spec.dims]
-        if tensor.name == IMAGES and len(shape) == 4 and shape[1] == 1:
-            expected[1] = 1  # a single channel is always fine
-        if len(shape) != len(expected) or any(e != -1 and s != e for s, e in zip(shape, expected, strict=True)):
-            raise InvalidInput(f"input '{tensor.name}' must have shape {expected} (-1 = batch), got {shape}")
-        if shape[0] < 1:
-            raise InvalidInput(f"input '{tensor.name}' has an empty batch")
-        if shape[0] > self.max_batch_size:
-            raise InvalidInput(f"batch of {shape[0]} exceeds the maximum batch size {self.max_batch_size}")
+        """Validate a decoded v2 request (REST, through KServe); return the input's name and array."""
+        tensor = _single_input(request.inputs)
+        shape = self._check_header(tensor.name, tensor.datatype, tensor.shape)
         try:
             array = tensor.as_numpy()
         except InvalidInput:
             raise
         except Exception as exc:  # byte length vs shape mismatches surface here in many forms
             raise InvalidInput(f"input '{tensor.name}': data does not match shape {shape} ({exc})") from None
+        return tensor.name, self._check_data(tensor.name, array, shape)
+
+    def parse_grpc(self, request: pb.ModelInferRequest) -> tuple[str, np.ndarray]:
+        """Validate a gRPC ``ModelInferRequest`` as it came off the wire (raw or typed contents)."""
+        tensor = _single_input(request.inputs)
+        shape = self._check_header(tensor.name, tensor.datatype, tensor.shape)
+        count = math.prod(shape)
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"send the data of input '{tensor.name}' once: one raw_input_contents entry, and no contents"
+                )
+            raw = request.raw_input_contents[0]
+            if len(raw) != 4 * count:
+                raise InvalidInput(
+                    f"input '{tensor.name}': {len(raw)} bytes of data, but {DATATYPE} {shape} needs {4 * count}"
+                )
+            array = np.frombuffer(raw, dtype=np.float32).reshape(shape)
+        else:
+            values = tensor.contents.fp32_contents
+            if len(values) != count:
+                message = f"input '{tensor.name}': {len(values)} fp32_contents values, but {shape} needs {count}"
+                raise InvalidInput(message)
+            array = np.asarray(values, dtype=np.float32).reshape(shape)
+        return tensor.name, self._check_data(tensor.name, array, shape)
+
+    def _check_header(self, name: str, datatype: str, dims: Iterable[int]) -> list[int]:
+        """Check name, datatype and shape against the contract; return the shape."""
+        specs = {spec.name: spec for spec in self.inputs}
+        spec = specs.get(name)
+        if spec is None:
+            raise InvalidInput(f"unknown input '{name}'; expected '{IMAGES}' or '{CONSTITUENTS}'")
+        if datatype != DATATYPE:
+            raise InvalidInput(f"input '{name}' must be {DATATYPE}, got {datatype}")
+        shape = [int(d) for d in dims]
+        expected = [-1, *spec.dims]
+        if name == IMAGES and len(shape) == 4 and shape[1] == 1:
+            expected[1] = 1  # a single channel is always fine
+        if len(shape) != len(expected) or any(e != -1 and s != e for s, e in zip(shape, expected, strict=True)):
+            raise InvalidInput(f"input '{name}' must have shape {expected} (-1 = batch), got {shape}")
+        if shape[0] < 1:
+            raise InvalidInput(f"input '{name}' has an empty batch")
+        if shape[0] > self.max_batch_size:
+            raise InvalidInput(f"batch of {shape[0]} exceeds the maximum batch size {self.max_batch_size}")
+        return shape
+
+    @staticmethod
+    def _check_data(name: str, array: np.ndarray, shape: list[int]) -> np.ndarray:
         if array.dtype != np.float32 or list(array.shape) != shape:
-            raise InvalidInput(f"input '{tensor.name}': data does not match FP32 {shape}")
+            raise InvalidInput(f"input '{name}': data does not match FP32 {shape}")
         if not np.isfinite(array).all():
-            raise InvalidInput(f"input '{tensor.name}' contains NaN or Inf")
-        return tensor.name, array
+            raise InvalidInput(f"input '{name}' contains NaN or Inf")
+        return array
+
+
+def _single_input(inputs: Sequence[T]) -> T:
+    if len(inputs) != 1:
+        names = [i.name for i in inputs]
+        raise InvalidInput(f"send exactly one input, '{IMAGES}' or '{CONSTITUENTS}'; got {len(names)}: {names}")
+    return inputs[0]

@@ -1,7 +1,8 @@
 """Prometheus metrics of the predictor, served by KServe's ``/metrics`` on the HTTP port.
 
-Request counts and latencies are measured at the transport (a REST middleware and a gRPC
-interceptor), so that they include decoding and encoding and carry the protocol as a label.
+Request counts and latencies are measured at the transport (a REST middleware and the gRPC
+``ModelInfer`` handler), so that they include decoding and encoding and carry the protocol as a
+label.
 Batch sizes, queue depth, queue wait and compute time come from the dynamic batcher.
 """
 

@@ -4,9 +4,10 @@ Lifecycle (KServe's hooks):
 - ``load()`` resolves the model URI, builds the backend (torch or OpenCL) and the batchers. If
   anything fails, the model stays registered but not ready, and the reason is kept for the
   readiness answer and the log; the server itself stays up.
-- ``predict()`` validates the request against the :class:`~serving.contract.Contract` and
-  waits for its rows from the :class:`~serving.batching.DynamicBatcher` of its input kind;
-  batches of constituents are rendered with the training-time image configuration.
+- ``predict()`` (KServe's REST path) validates the request against the
+  :class:`~serving.contract.Contract`; ``classify()``, shared with the gRPC fast path, waits for
+  its rows from the :class:`~serving.batching.DynamicBatcher` of its input kind. Batches of
+  constituents are rendered with the training-time image configuration.
 """
 
 from __future__ import annotations
@@ -120,17 +121,12 @@ class TopTagger(Model):
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferResponse:
         if not isinstance(payload, InferRequest):
             raise InvalidInput("the top tagger speaks the v2 (Open Inference) protocol only")
-        assert self.contract is not None and self.batchers
-        name, array = self.contract.parse(payload)
-        metrics.QUEUE_DEPTH.set(sum(b.queue_depth for b in self.batchers.values()))
-        try:
-            probabilities = await self.batchers[name].submit(array)
-        except QueueFull as exc:
-            raise ServerOverloaded(str(exc)) from None
+        assert self.contract is not None
+        probabilities = await self.classify(*self.contract.parse(payload))
         output = InferOutput(PROBABILITIES, list(probabilities.shape), DATATYPE)
         # KServe re-encodes outputs on the way out: binary (the binary tensor extension) when the
         # client asked for it per output or with binary_data_output, JSON otherwise.
-        output.set_data_from_numpy(np.ascontiguousarray(probabilities, dtype=np.float32), binary_data=False)
+        output.set_data_from_numpy(probabilities, binary_data=False)
         return InferResponse(
             response_id=payload.id or (headers or {}).get("x-request-id") or str(uuid.uuid4()),
             model_name=self.name,
@@ -138,3 +134,16 @@ class TopTagger(Model):
             use_binary_outputs=payload.use_binary_outputs,
             requested_outputs=payload.request_outputs,
         )
+
+    async def classify(self, input_name: str, rows: np.ndarray) -> np.ndarray:
+        """Validated rows of one input kind -> probabilities float32 [N, 2], through the batcher.
+
+        Shared by both transports: KServe's REST path (``predict``) and the gRPC fast path
+        (:mod:`serving.grpc_infer`).
+        """
+        metrics.QUEUE_DEPTH.set(sum(b.queue_depth for b in self.batchers.values()))
+        try:
+            probabilities = await self.batchers[input_name].submit(rows)
+        except QueueFull as exc:
+            raise ServerOverloaded(str(exc)) from None
+        return np.ascontiguousarray(probabilities, dtype=np.float32)

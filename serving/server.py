@@ -1,8 +1,9 @@
 """KServe's ModelServer, extended where the tagger needs more than the stock server gives.
 
 - gRPC: the same port also answers Triton's ``ModelConfig`` and ``ModelStatistics`` (see
-  :mod:`serving.triton`), so CMSSW's SONIC ``TritonClient`` works unchanged; a lean interceptor
-  counts requests and latencies instead of KServe's per-request INFO log line.
+  :mod:`serving.triton`), so CMSSW's SONIC ``TritonClient`` works unchanged; ``ModelInfer`` goes
+  from protobuf to the batcher without KServe's generic objects (:mod:`serving.grpc_infer`),
+  and counts requests and latencies itself.
 - REST: a body-size cap, a request id on every answer, per-protocol metrics, and readiness
   answers that say *why* the model is not ready.
 - A model that fails to load is still registered, so the server comes up not ready and says
@@ -16,11 +17,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,13 +29,12 @@ from kserve import ModelServer
 from kserve.errors import InvalidInput
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.server import GRPCServer
-from kserve.protocol.grpc.servicer import InferenceServicer
 from starlette.exceptions import HTTPException
 
 from serving import metrics, triton
 from serving.errors import ServerOverloaded
+from serving.grpc_infer import KServeErrorsInterceptor, TaggerServicer
 from serving.predictor import TopTagger
 
 log = logging.getLogger("serving.server")
@@ -188,37 +187,6 @@ class TaggerDataPlane(DataPlane):
 
 
 # --- gRPC ---------------------------------------------------------------------------------------
-class MetricsInterceptor(aio.ServerInterceptor):
-    """Counts gRPC inference calls by status and records their latency."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.endswith("/ModelInfer") or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-
-        async def timed(request: Any, context: aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            status = "OK"
-            try:
-                return await inner(request, context)
-            except BaseException:
-                status = "ERROR"
-                raise
-            finally:
-                code = context.code() if status == "OK" else None
-                metrics.REQUESTS.labels("grpc", code.name if code else status).inc()
-                metrics.REQUEST_LATENCY.labels("grpc").observe(time.perf_counter() - start)
-
-        return grpc.unary_unary_rpc_method_handler(
-            timed, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
-
-
 class TaggerGRPCServer(GRPCServer):
     """KServe's gRPC server plus Triton's ModelConfig/ModelStatistics on the same service."""
 
@@ -233,11 +201,10 @@ class TaggerGRPCServer(GRPCServer):
         ]
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            # Order matters: exceptions are turned into status codes inside the metrics timer.
-            interceptors=(MetricsInterceptor(), ExceptionToStatusInterceptor()),
+            interceptors=(KServeErrorsInterceptor(),),
             options=options,
         )
-        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        servicer = TaggerServicer(self._data_plane, self._model_repository_extension, self.model)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         # A second generic handler for the same service: gRPC asks KServe's first, and falls back
         # to this one for the methods KServe does not define.

@@ -229,11 +229,23 @@ def test_bad_grpc_requests(server: Server) -> None:
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
 
     def call(
-        name: str, shape: list[int], raw: bytes, datatype: str = "FP32", model: str = "top-tagger"
+        name: str,
+        shape: list[int],
+        raw: bytes,
+        datatype: str = "FP32",
+        model: str = "top-tagger",
+        version: str = "",
+        output: str = "",
+        typed: list[float] | None = None,
     ) -> grpc.RpcError:
-        request = pb.ModelInferRequest(model_name=model)
-        request.inputs.add(name=name, datatype=datatype, shape=shape)
-        request.raw_input_contents.append(raw)
+        request = pb.ModelInferRequest(model_name=model, model_version=version, id="bad-request-7")
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+        if typed is not None:
+            tensor.contents.fp32_contents.extend(typed)
+        if raw or typed is None:
+            request.raw_input_contents.append(raw)
+        if output:
+            request.outputs.add(name=output)
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(request, timeout=30)
         return caught.value
@@ -244,7 +256,11 @@ def test_bad_grpc_requests(server: Server) -> None:
         (call("constituents", [1, 200, 4], JET.tobytes(), "FP64"), grpc.StatusCode.INVALID_ARGUMENT, "FP32"),
         (call("constituents", [1, 200, 3], JET.tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
         (call("constituents", [1, 200, 4], nan), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
-        (call("constituents", [1, 200, 4], JET.tobytes()[:999]), grpc.StatusCode.INVALID_ARGUMENT, ""),
+        (call("constituents", [1, 200, 4], JET.tobytes()[:999]), grpc.StatusCode.INVALID_ARGUMENT, "999 bytes"),
+        (call("constituents", [1, 200, 4], b"", typed=[1.0] * 7), grpc.StatusCode.INVALID_ARGUMENT, "7 fp32_contents"),
+        (call("constituents", [1, 200, 4], JET.tobytes(), typed=[1.0]), grpc.StatusCode.INVALID_ARGUMENT, "once"),
+        (call("constituents", [1, 200, 4], JET.tobytes(), output="logits"), grpc.StatusCode.INVALID_ARGUMENT, "logits"),
+        (call("constituents", [1, 200, 4], JET.tobytes(), version="9"), grpc.StatusCode.NOT_FOUND, "version '9'"),
         (call("constituents", [20, 200, 4], JET.tobytes() * 20), grpc.StatusCode.INVALID_ARGUMENT, "maximum batch"),
         (call("constituents", [0, 200, 4], b""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
         (call("constituents", [1, 200, 4], JET.tobytes(), model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
@@ -257,6 +273,23 @@ def test_bad_grpc_requests(server: Server) -> None:
     good.raw_input_contents.append(JET.tobytes())
     assert stub.ModelInfer(good, timeout=30).outputs[0].name == "probabilities"
     channel.close()
+    assert '"request_id": "bad-request-7"' in server.log_text(), "refusals are logged with the request id"
+
+
+def test_grpc_typed_contents_agree_with_raw(server: Server, reference: TorchBackend, small_jets: JetBatch) -> None:
+    """Clients that send ``contents.fp32_contents`` instead of raw bytes get the same answer."""
+    jets = small_jets.constituents[:2]
+    stub = pb_grpc.GRPCInferenceServiceStub(channel := grpc.insecure_channel(server.grpc_target))
+    request = pb.ModelInferRequest(model_name="top-tagger", id="typed-1")
+    request.inputs.add(name="constituents", datatype="FP32", shape=[2, 200, 4]).contents.fp32_contents.extend(
+        jets.ravel().tolist()
+    )
+    answer = stub.ModelInfer(request, timeout=30)
+    channel.close()
+    assert answer.id == "typed-1" and answer.model_name == "top-tagger"
+    assert answer.outputs[0].name == "probabilities" and list(answer.outputs[0].shape) == [2, 2]
+    probabilities = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(2, 2)
+    np.testing.assert_allclose(probabilities, reference.predict(reference.render(jets)), rtol=1e-4, atol=1e-6)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -328,6 +361,13 @@ def test_unloadable_model_leaves_server_up_but_not_ready(tmp_path: Path) -> None
         infer = rest_json(server, {"inputs": [as_json_input("images", IMAGE)]})
         assert infer.status_code == 503
         assert "no such file or folder" in server.log_text()
+        request = pb.ModelInferRequest(model_name="top-tagger")
+        request.inputs.add(name="constituents", datatype="FP32", shape=[1, 200, 4])
+        request.raw_input_contents.append(JET.tobytes())
+        with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no such file or folder" in (caught.value.details() or "")
     finally:
         stop_server(server)
 
