@@ -4,6 +4,11 @@ A device can be pinned by name with ``device=`` or the environment variable
 ``TOPTAGGER_OPENCL_DEVICE``: ``"SUBSTRING"`` matches the platform or device name, ``"PLATFORM:DEVICE"``
 matches both parts, case-insensitive.
 
+A device *type* can be required with ``device_type=`` or ``TOPTAGGER_OPENCL_DEVICE_TYPE``
+(``ACCELERATOR``, alias ``FPGA``; ``GPU``; ``CPU``). An FPGA pod sets ``ACCELERATOR``, so that a node
+whose board or driver is missing fails to load (not ready, with the reason) instead of quietly
+running the kernels on PoCL's CPU device at a fraction of the speed.
+
     python -m fpga_runtime.devices          # list devices and the one the engine would pick
 """
 
@@ -18,10 +23,13 @@ from pathlib import Path
 
 import pyopencl as cl
 
+from components.errors import ConfigError
 from fpga_runtime.errors import POCL_HINT, NoDeviceError
 
 ENV_DEVICE = "TOPTAGGER_OPENCL_DEVICE"
+ENV_DEVICE_TYPE = "TOPTAGGER_OPENCL_DEVICE_TYPE"
 TYPE_ORDER = ("ACCELERATOR", "GPU", "CPU")
+TYPE_ALIASES = {"FPGA": "ACCELERATOR"}
 
 
 def _writable(path: Path) -> bool:
@@ -125,9 +133,36 @@ def _matches(info: DeviceInfo, pin: str) -> bool:
     return pin in info.name.lower() or pin in info.platform.lower()
 
 
-def select_device(pin: str | None = None) -> tuple[DeviceInfo, cl.Device]:
-    """The device the engine runs on: ``pin`` (or $TOPTAGGER_OPENCL_DEVICE) if given, else by type order."""
+def required_type(device_type: str | None = None) -> str | None:
+    """The device type asked for (argument, else $TOPTAGGER_OPENCL_DEVICE_TYPE), checked; None = any."""
+    wanted = device_type if device_type is not None else os.environ.get(ENV_DEVICE_TYPE, "")
+    wanted = wanted.strip().upper()
+    if not wanted:
+        return None
+    wanted = TYPE_ALIASES.get(wanted, wanted)
+    if wanted not in TYPE_ORDER:
+        choices = ", ".join([*TYPE_ORDER, *TYPE_ALIASES])
+        raise ConfigError(f"unknown OpenCL device type {wanted!r} (device_type= or ${ENV_DEVICE_TYPE}); use {choices}")
+    return wanted
+
+
+def select_device(pin: str | None = None, device_type: str | None = None) -> tuple[DeviceInfo, cl.Device]:
+    """The device the engine runs on.
+
+    Candidates: every device, or those of the required type (``device_type`` or
+    $TOPTAGGER_OPENCL_DEVICE_TYPE), narrowed by ``pin`` (or $TOPTAGGER_OPENCL_DEVICE); among them
+    the first by type order (accelerator, GPU, CPU).
+    """
     found = all_devices()
+    wanted = required_type(device_type)
+    if wanted:
+        of_type = [f for f in found if f[0].kind == wanted]
+        if not of_type:
+            names = "; ".join(f"{info.label()} ({info.kind})" for info, _ in found)
+            raise NoDeviceError(
+                f"no OpenCL {wanted} device (required by device_type= or ${ENV_DEVICE_TYPE}); available: {names}"
+            )
+        found = of_type
     pin = pin if pin is not None else os.environ.get(ENV_DEVICE) or None
     if pin:
         matching = [f for f in found if _matches(f[0], pin)]
@@ -139,11 +174,11 @@ def select_device(pin: str | None = None) -> tuple[DeviceInfo, cl.Device]:
     return min(found, key=lambda f: (rank.get(f[0].kind, len(rank)), f[0].index))
 
 
-def readiness(pin: str | None = None) -> tuple[bool, str]:
+def readiness(pin: str | None = None, device_type: str | None = None) -> tuple[bool, str]:
     """(ready, reason) for a server's readiness probe; never raises for a missing device."""
     try:
-        info, _ = select_device(pin)
-    except NoDeviceError as exc:
+        info, _ = select_device(pin, device_type)
+    except (NoDeviceError, ConfigError) as exc:
         return False, str(exc)
     return True, f"OpenCL device {info.label()} ({info.kind})"
 
@@ -153,9 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m fpga_runtime.devices", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", help=f"pin a device by name (default: ${ENV_DEVICE})")
+    parser.add_argument(
+        "--device-type", help=f"require ACCELERATOR (FPGA), GPU or CPU (default: ${ENV_DEVICE_TYPE}, else any)"
+    )
     args = parser.parse_args(argv)
     found = all_devices()
-    picked, _ = select_device(args.device)
+    picked, _ = select_device(args.device, args.device_type)
     print(f"POCL_CACHE_DIR={os.environ.get('POCL_CACHE_DIR', '')}")
     for info, _ in found:
         mark = "*" if info == picked else " "

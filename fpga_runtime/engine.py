@@ -90,6 +90,7 @@ class Engine:
         package: Package,
         *,
         device: str | None = None,
+        device_type: str | None = None,
         precision: str | None = None,
         max_batch_size: int = 64,
         tiles: prog.Tiles | None = None,
@@ -105,7 +106,7 @@ class Engine:
         if max_batch_size < 1:
             raise InputError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
-        self.info, self.device = select_device(device)
+        self.info, self.device = select_device(device, device_type)
         self._check_precision(allow_fp16_emulation)
         weights = package.weights(self.precision)  # validates plan against weights before any device work
         self.tiles = tiles or prog.default_tiles(self.info)

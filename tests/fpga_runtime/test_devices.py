@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from components.errors import ConfigError
 from fpga_runtime import devices
 from fpga_runtime.engine import Engine
 from fpga_runtime.errors import NoDeviceError
@@ -41,6 +42,28 @@ def test_pinned_by_environment(monkeypatch: pytest.MonkeyPatch, pkg50: Path) -> 
     assert not ready and "no-such-accelerator-xyz" in why
     monkeypatch.setenv(devices.ENV_DEVICE, devices.select_device("")[0].platform)
     assert devices.readiness()[0]
+
+
+def test_required_device_type(monkeypatch: pytest.MonkeyPatch, pkg50: Path) -> None:
+    monkeypatch.delenv(devices.ENV_DEVICE, raising=False)
+    monkeypatch.delenv(devices.ENV_DEVICE_TYPE, raising=False)
+    found = {info.kind for info, _ in devices.all_devices()}
+    for kind in found:
+        assert devices.select_device(device_type=kind.lower())[0].kind == kind
+    missing = next(kind for kind in devices.TYPE_ORDER if kind not in found)  # PoCL here: no FPGA
+    alias = "fpga" if missing == "ACCELERATOR" else missing
+    expected = rf"no OpenCL {missing} device .*{devices.ENV_DEVICE_TYPE}.*available: .*\("
+    with pytest.raises(NoDeviceError, match=expected):
+        devices.select_device(device_type=alias)
+    monkeypatch.setenv(devices.ENV_DEVICE_TYPE, alias)  # as the FPGA overlay sets it
+    with pytest.raises(NoDeviceError, match=missing):
+        Engine.from_package(pkg50, probe=False)
+    ready, why = devices.readiness()
+    assert not ready and missing in why
+    monkeypatch.setenv(devices.ENV_DEVICE_TYPE, "tpu")
+    with pytest.raises(ConfigError, match=r"unknown OpenCL device type 'TPU'.*ACCELERATOR, GPU, CPU, FPGA"):
+        devices.select_device()
+    assert not devices.readiness()[0]
 
 
 def test_devices_cli_lists_and_picks() -> None:

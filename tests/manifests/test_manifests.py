@@ -198,6 +198,11 @@ def test_fpga_overlay_schedules_on_fpga_nodes(built: dict[str, list[dict[str, An
     assert kserve_container(isvc)["resources"]["limits"]["amd.com/xilinx_u250_gen3x16_xdma_shell_4_1-0"] == "1"
     args = kserve_container(isvc)["args"]
     assert args[args.index("--backend") + 1] == "opencl"
+    # an FPGA pod that cannot see its FPGA is not ready, rather than serving from PoCL's CPU device
+    assert "--fallback" not in args
+    env = {e["name"]: e.get("value") for e in kserve_container(isvc)["env"]}
+    assert env["TOPTAGGER_OPENCL_DEVICE_TYPE"] == "ACCELERATOR"
+    assert env["MODEL_URI"] == "/mnt/models", "the base's env is kept, the entry is appended"
     assert kserve_container(isvc)["image"].startswith("registry.example.com/top-tagger/predictor-fpga:")
 
 

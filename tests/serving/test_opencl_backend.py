@@ -83,6 +83,19 @@ def test_no_opencl_device_means_not_ready_unless_a_fallback_is_given(
     assert os.environ["TOPTAGGER_OPENCL_DEVICE"] == "no-such-fpga-board"
 
 
+def test_required_accelerator_missing_means_not_ready(opencl_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FPGA overlay's setting: on a node without a visible FPGA, do not serve from PoCL's CPU."""
+    monkeypatch.setenv("TOPTAGGER_OPENCL_DEVICE_TYPE", "ACCELERATOR")
+    server = start_server(opencl_model_dir, "--backend", "opencl", wait_ready=False)
+    try:
+        ready = httpx.get(f"{server.url}/v2/health/ready")
+        assert ready.status_code == 503
+        assert "no OpenCL ACCELERATOR device" in ready.json()["reason"]
+        assert "(CPU)" in ready.json()["reason"], "the reason lists what the node does have"
+    finally:
+        stop_server(server)
+
+
 def test_model_without_opencl_package_is_not_ready_with_the_reason(model_dir: Path, tmp_path: Path) -> None:
     server = start_server(model_dir, "--backend", "opencl", wait_ready=False)
     try:
