@@ -52,17 +52,22 @@ def test_opencl_backend_serves_what_torch_computes(
         stop_server(server)
 
 
+def not_ready_reason(model_dir: Path, *args: str) -> str:
+    """Start the server, check that it is up but not ready (503), return the readiness reason."""
+    server = start_server(model_dir, *args, wait_ready=False)
+    try:
+        ready = httpx.get(f"{server.url}/v2/health/ready")
+        assert ready.status_code == 503, ready.text
+        return ready.json()["reason"]
+    finally:
+        stop_server(server)
+
+
 def test_no_opencl_device_means_not_ready_unless_a_fallback_is_given(
     opencl_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TOPTAGGER_OPENCL_DEVICE", "no-such-fpga-board")
-    server = start_server(opencl_model_dir, "--backend", "opencl", wait_ready=False)
-    try:
-        ready = httpx.get(f"{server.url}/v2/health/ready")
-        assert ready.status_code == 503
-        assert "no-such-fpga-board" in ready.json()["reason"]
-    finally:
-        stop_server(server)
+    assert "no-such-fpga-board" in not_ready_reason(opencl_model_dir, "--backend", "opencl")
 
     server = start_server(opencl_model_dir, "--backend", "opencl", "--fallback", "torch")
     try:
@@ -86,21 +91,10 @@ def test_no_opencl_device_means_not_ready_unless_a_fallback_is_given(
 def test_required_accelerator_missing_means_not_ready(opencl_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The FPGA overlay's setting: on a node without a visible FPGA, do not serve from PoCL's CPU."""
     monkeypatch.setenv("TOPTAGGER_OPENCL_DEVICE_TYPE", "ACCELERATOR")
-    server = start_server(opencl_model_dir, "--backend", "opencl", wait_ready=False)
-    try:
-        ready = httpx.get(f"{server.url}/v2/health/ready")
-        assert ready.status_code == 503
-        assert "no OpenCL ACCELERATOR device" in ready.json()["reason"]
-        assert "(CPU)" in ready.json()["reason"], "the reason lists what the node does have"
-    finally:
-        stop_server(server)
+    reason = not_ready_reason(opencl_model_dir, "--backend", "opencl")
+    assert "no OpenCL ACCELERATOR device" in reason
+    assert "(CPU)" in reason, "the reason lists what the node does have"
 
 
 def test_model_without_opencl_package_is_not_ready_with_the_reason(model_dir: Path, tmp_path: Path) -> None:
-    server = start_server(model_dir, "--backend", "opencl", wait_ready=False)
-    try:
-        ready = httpx.get(f"{server.url}/v2/health/ready")
-        assert ready.status_code == 503
-        assert "no OpenCL package" in ready.json()["reason"]
-    finally:
-        stop_server(server)
+    assert "no OpenCL package" in not_ready_reason(model_dir, "--backend", "opencl")
