@@ -1,12 +1,16 @@
 """Compile the pipeline for a Kubeflow cluster.
 
     python -m pipelines.compile [--image REGISTRY/components:TAG] [--out FILE] [--check]
+                                [--gpu-resource R] [--gpu-count N] [--gpu-node-selector KEY=VALUE|none]
+                                [--gpu-toleration KEY[=VALUE][:EFFECT]|none]
 
 Writes ``manifests/pipelines/top_tagging.yaml`` (upload it in the KFP UI, or submit it with
 ``kfp.Client().create_run_from_pipeline_package``) and ``pipelines/kfp_config.ini``, which the
 components image needs in its working directory: it tells KFP's executor which file holds each
 containerized component (``components/Dockerfile`` copies it to ``/app/kfp_config.ini``).
 ``--check`` writes nothing and fails when the committed files differ from a fresh compile.
+The ``--gpu-*`` options place the train task on your cluster's GPU pool (see
+:mod:`pipelines.gpu_pool`; the defaults are NVIDIA's).
 """
 
 from __future__ import annotations
@@ -21,19 +25,24 @@ from pathlib import Path
 
 from components.cli import run_cli
 from components.errors import ConfigError
+from pipelines.gpu_pool import GpuPool
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "manifests" / "pipelines" / "top_tagging.yaml"
 KFP_CONFIG = REPO / "pipelines" / "kfp_config.ini"
 
 
-def compile_yaml(image: str | None = None) -> str:
+def compile_yaml(image: str | None = None, gpu_pool: GpuPool | None = None) -> str:
     """The compiled pipeline (two YAML documents: the pipeline spec, then the Kubernetes platform spec)."""
     from kfp import compiler
 
-    from pipelines.top_tagging import COMPONENTS_IMAGE, build_pipeline, top_tagging
+    from pipelines.top_tagging import COMPONENTS_IMAGE, NVIDIA_POOL, build_pipeline, top_tagging
 
-    pipeline = top_tagging if image in (None, COMPONENTS_IMAGE) else build_pipeline(image)
+    gpu_pool = gpu_pool or NVIDIA_POOL
+    if image in (None, COMPONENTS_IMAGE) and gpu_pool == NVIDIA_POOL:
+        pipeline = top_tagging
+    else:
+        pipeline = build_pipeline(image or COMPONENTS_IMAGE, gpu_pool=gpu_pool)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pipeline.yaml"
         compiler.Compiler().compile(pipeline, str(path))
@@ -93,10 +102,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image", help="components image (default: $TOPTAGGER_COMPONENTS_IMAGE or the make default)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"pipeline YAML (default {DEFAULT_OUT})")
     parser.add_argument("--check", action="store_true", help="fail if the files on disk differ from a fresh compile")
+    pool = parser.add_argument_group("GPU pool of the train task (defaults: NVIDIA's)")
+    pool.add_argument("--gpu-resource", help="extended resource to request (default nvidia.com/gpu)")
+    pool.add_argument("--gpu-count", type=int, help="how many (default 1)")
+    pool.add_argument(
+        "--gpu-node-selector", help="KEY=VALUE node label of the pool, or none (default nvidia.com/gpu.present=true)"
+    )
+    pool.add_argument(
+        "--gpu-toleration",
+        help="KEY[=VALUE][:EFFECT] taint of the pool to tolerate, or none (default nvidia.com/gpu:NoSchedule)",
+    )
     args = parser.parse_args(argv)
     if args.image is not None and not args.image.strip():
         raise ConfigError("--image is empty")
-    outputs = {args.out: compile_yaml(args.image), KFP_CONFIG: kfp_config()}
+    gpu_pool = GpuPool.parse(args.gpu_resource, args.gpu_count, args.gpu_node_selector, args.gpu_toleration)
+    outputs = {args.out: compile_yaml(args.image, gpu_pool), KFP_CONFIG: kfp_config()}
     if args.check:
         stale = [str(p) for p, text in outputs.items() if not p.is_file() or p.read_text() != text]
         if stale:

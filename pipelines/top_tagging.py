@@ -18,16 +18,12 @@ from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Metrics
 
 from pipelines import tasks
+from pipelines.gpu_pool import GpuPool
 
 # What `make images` builds and pushes (manifests/images.mk: $(REGISTRY)/components:$(TAG)).
 COMPONENTS_IMAGE = os.environ.get("TOPTAGGER_COMPONENTS_IMAGE", "registry.example.com/top-tagger/components:0.1.0")
 
-# The GPU node pool. The labels below are those of NVIDIA's GPU feature discovery and the taint
-# the GPU operator's docs use; change them to your cluster's pool and recompile.
-ACCELERATOR_TYPE = "nvidia.com/gpu"
-ACCELERATOR_LIMIT = 1
-GPU_NODE_SELECTOR = ("nvidia.com/gpu.present", "true")
-GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# The GPU node pool's defaults are NVIDIA's; `python -m pipelines.compile --gpu-...` sets others.
 TRAIN_CPU, TRAIN_MEMORY = "4", "32G"
 
 # Secrets (names and keys), created once per namespace; see docs/pipeline.md.
@@ -67,16 +63,26 @@ def _with_secrets(task: dsl.PipelineTask, s3: bool = True, mlflow: bool = False)
     return task
 
 
-def _on_gpu_pool(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    task.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(ACCELERATOR_LIMIT)
+def _on_gpu_pool(task: dsl.PipelineTask, pool: GpuPool) -> dsl.PipelineTask:
+    task.set_accelerator_type(pool.resource).set_accelerator_limit(pool.count)
     task.set_cpu_request(TRAIN_CPU).set_memory_request(TRAIN_MEMORY)
-    kubernetes.add_node_selector(task, *GPU_NODE_SELECTOR)
-    kubernetes.add_toleration(task, **GPU_TOLERATION)
+    if pool.node_selector:
+        kubernetes.add_node_selector(task, *pool.node_selector)
+    if pool.toleration:
+        kubernetes.add_toleration(task, **pool.toleration.as_kfp())
     return task
 
 
-def build_pipeline(image: str = COMPONENTS_IMAGE, local: bool = False) -> dsl.graph_component.GraphComponent:
-    """The pipeline on ``image``; ``local=True`` gives the lightweight form that kfp.local runs."""
+NVIDIA_POOL = GpuPool()
+
+
+def build_pipeline(
+    image: str = COMPONENTS_IMAGE, local: bool = False, gpu_pool: GpuPool = NVIDIA_POOL
+) -> dsl.graph_component.GraphComponent:
+    """The pipeline on ``image``; ``local=True`` gives the lightweight form that kfp.local runs.
+
+    ``gpu_pool`` is where the train task runs on a cluster (kfp.local ignores it).
+    """
     c = tasks.build(image, local)
 
     @dsl.pipeline(name="top-tagging", description="Top-quark jet tagger: data, training, MLflow registry, serving.")
@@ -152,7 +158,7 @@ def build_pipeline(image: str = COMPONENTS_IMAGE, local: bool = False) -> dsl.gr
             checkpoint_root=checkpoint_root, run_key=run_key, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )  # fmt: skip
         # Training resumes its checkpoint, registration finds its run and version again: both retry safely.
-        _with_secrets(_on_gpu_pool(train), mlflow=True).set_retry(num_retries=2, backoff_duration="30s")
+        _with_secrets(_on_gpu_pool(train, gpu_pool), mlflow=True).set_retry(num_retries=2, backoff_duration="30s")
         evaluate = c["evaluate"](
             model=train.outputs["model"], test_jets=prep.outputs["test_jets"], n_bootstrap=n_bootstrap, seed=seed
         )
