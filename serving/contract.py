@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TypeVar
 
 import numpy as np
@@ -99,10 +100,13 @@ class Contract:
             array = np.asarray(values, dtype=np.float32).reshape(shape)
         return tensor.name, self._check_data(tensor.name, array, shape)
 
+    @cached_property
+    def _input_specs(self) -> dict[str, TensorSpec]:  # looked up on every request
+        return {spec.name: spec for spec in self.inputs}
+
     def _check_header(self, name: str, datatype: str, dims: Iterable[int]) -> list[int]:
         """Check name, datatype and shape against the contract; return the shape."""
-        specs = {spec.name: spec for spec in self.inputs}
-        spec = specs.get(name)
+        spec = self._input_specs.get(name)
         if spec is None:
             raise InvalidInput(f"unknown input '{name}'; expected '{IMAGES}' or '{CONSTITUENTS}'")
         if datatype != DATATYPE:
