@@ -13,7 +13,7 @@ export POCL_CACHE_DIR ?= $(HOME)/.cache/top-tagger/pocl
 export XDG_CACHE_HOME ?= $(HOME)/.cache
 export MPLBACKEND ?= Agg
 
-.PHONY: help venv test lint demo pipeline mlflow-ui bench-data lock clean
+.PHONY: help venv opencl test lint demo pipeline mlflow-ui bench-data lock clean
 
 # Container images (build and push when a container engine exists): make images, make push-images
 include manifests/images.mk
@@ -30,8 +30,19 @@ $(STAMP): requirements.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: $(STAMP)  ## lint, then the whole test suite
+# The pyopencl wheel's PoCL (LLVM 14) cannot compile for CPUs newer than its LLVM (an AMD Zen 5
+# reports "unknown target CPU 'generic'"); Debian's pocl-opencl-icd can. Installed only when no
+# OpenCL device here builds a kernel (python -m fpga_runtime.devices fails), so other machines
+# keep the wheel's PoCL.
+opencl: $(STAMP)  ## an OpenCL device that compiles kernels (installs Debian's PoCL where the wheel's cannot)
 	@mkdir -p $(POCL_CACHE_DIR)
+	@$(PY) -m fpga_runtime.devices >/dev/null 2>&1 || { \
+	  echo "no OpenCL device here compiles kernels; installing Debian's pocl-opencl-icd"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends pocl-opencl-icd >/dev/null \
+	  && $(PY) -m fpga_runtime.devices; }
+
+test: $(STAMP) opencl  ## lint, then the whole test suite
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest

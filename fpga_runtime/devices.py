@@ -103,20 +103,60 @@ def describe(device: cl.Device, index: tuple[int, int] = (-1, -1)) -> DeviceInfo
     )
 
 
+# A trivial kernel: a device that cannot build it cannot run the engine's kernels either.
+_PROBE_KERNEL = "__kernel void probe(__global float *x) { x[get_global_id(0)] *= 2.0f; }"
+_compiler_checked: dict[int, str | None] = {}
+
+
+def compiler_problem(device: cl.Device) -> str | None:
+    """Why ``device`` cannot compile OpenCL C here, or None; checked once per device and process.
+
+    PoCL's bundled LLVM does not know CPUs newer than itself (the pyopencl wheel's PoCL 3.0 with
+    LLVM 14 on an AMD Zen 5, for one): it then reports the device, with "generic" as its CPU in
+    the version string, and fails every build with "unknown target CPU 'generic'". Such a device
+    is left out, so that another platform's device (Debian's pocl-opencl-icd, which ``make``
+    installs when it finds none that builds) is chosen instead. Accelerators are not checked:
+    FPGAs load prebuilt binaries and cannot compile at run time anyway.
+    """
+    if device_kind(device) == "ACCELERATOR":
+        return None
+    key = device.int_ptr
+    if key not in _compiler_checked:
+        try:
+            cl.Program(cl.Context([device]), _PROBE_KERNEL).build(devices=[device])
+            _compiler_checked[key] = None
+        except cl.Error as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = next((line for line in lines if "error" in line.lower()), lines[0] if lines else str(exc))
+            _compiler_checked[key] = f"cannot compile OpenCL C ({reason})"
+    return _compiler_checked[key]
+
+
 def all_devices() -> list[tuple[DeviceInfo, cl.Device]]:
-    """Every device of every platform; NoDeviceError (with the PoCL cache hint) when there is none."""
+    """Every usable device of every platform; NoDeviceError (naming what was seen) when there is none."""
     ensure_pocl_cache()
     try:
         platforms = cl.get_platforms()
     except cl.Error as exc:
         raise NoDeviceError(f"no OpenCL platform found ({exc}). Is an ICD installed? {POCL_HINT}") from None
-    found = []
+    found, unusable = [], []
     for pi, platform in enumerate(platforms):
         try:
             devices = platform.get_devices()
         except cl.Error:
             continue  # a platform with no devices raises DEVICE_NOT_FOUND; others may still have some
-        found.extend((describe(d, (pi, di)), d) for di, d in enumerate(devices))
+        for di, device in enumerate(devices):
+            info = describe(device, (pi, di))
+            problem = compiler_problem(device)
+            if problem:
+                unusable.append(f"{info.label()} ({info.version}): {problem}")
+            else:
+                found.append((info, device))
+    if not found and unusable:
+        raise NoDeviceError(
+            f"no usable OpenCL device: {'; '.join(unusable)}. PoCL's LLVM may not know this CPU; "
+            "Debian's pocl-opencl-icd package brings a PoCL that does (make installs it when needed)"
+        )
     if not found:
         raise NoDeviceError(
             f"OpenCL platforms {[p.name for p in platforms]} report no devices. {POCL_HINT} "
