@@ -57,7 +57,7 @@ demo: $(STAMP)  ## the pipeline through kfp.local (generate or DATASET=path-or-s
 	@mkdir -p $(STATE)
 	$(PY) -m pipelines.run --state $(STATE) --dataset "$(DATASET)"
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(STATE))/mlflow/mlflow.db} \
-	  $(PY) -m serving.bench --model-uri models:/top-tagger@champion --clients 1,16 --batch-sizes 1 \
+	  $(PY) -m benchmarks.serving --model-uri models:/top-tagger@champion --clients 1,16 --batch-sizes 1 \
 	  --protocols grpc --inputs images,constituents --seconds 2 --no-stock --out $(STATE)/serving-bench
 
 pipeline: $(STAMP)  ## compile the pipeline for a cluster: manifests/pipelines/top_tagging.yaml
@@ -70,7 +70,7 @@ mlflow-ui: $(STAMP)  ## MLflow's browser UI on the local store (.state/mlflow), 
 	  --default-artifact-root $(abspath $(STATE))/mlflow/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 bench-data: $(STAMP)  ## generation and reading throughput (docs/benchmarks.md)
-	$(PY) -m components.bench --markdown docs/benchmarks/data.md
+	$(PY) -m benchmarks.data --markdown docs/benchmarks/data.md
 
 lock:  ## re-resolve requirements.in into requirements.txt
 	rm -rf /tmp/top-tagger-lock && $(PYTHON) -m venv /tmp/top-tagger-lock

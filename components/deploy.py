@@ -1,278 +1,104 @@
-"""Deploy a registered model: the InferenceService on a cluster, or the predictor as a local process.
+"""The deploy step: serve the registry's champion (``models:/<name>@champion``).
 
-The kustomize overlays under ``manifests/`` are the one description of the service. ``render``
-builds an overlay with ``kubectl kustomize``, turns the InferenceService into the kserve SDK's
-``V1beta1InferenceService`` and sets the model's storage URI on it (``STORAGE_URI`` of
-``kserve-container``, which KServe's storage initializer downloads to ``/mnt/models``). So the
-pipeline deploys exactly what ``kubectl apply -k manifests/overlays/<overlay>`` would, with the
-champion's URI.
+``deploy`` is the Kubeflow component; :func:`deploy_step` the plain function it runs; and
+``python -m components.deploy`` deploys any model URI by hand (``main``):
+
+- ``none``: nothing (tests, or when serving is someone else's job);
+- ``local``: the predictor as a local process (:mod:`serving.process`); it outlives the task,
+  and ``python -m pipelines.run`` stops it at the end unless ``--keep-serving``;
+- ``cluster``: create or patch the InferenceService of a kustomize overlay and wait for Ready
+  (:mod:`toptagger.deploy.kserve`).
 
     python -m components.deploy render  --model-uri s3://mlflow/1/models/m-abc/artifacts --overlay fpga
     python -m components.deploy cluster --model-uri models:/top-tagger@champion --overlay fpga
     python -m components.deploy local   --model-uri ./champion --http-port 8080 --grpc-port 8081
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: KFP reads the component's annotations as objects.
 import argparse
-import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import yaml
-from kserve import V1beta1InferenceService, constants
+from toptagger.constants import GRPC_PORT, HTTP_PORT
 
-from components.cli import positive_int, run_cli
-from components.errors import ConfigError, TaggerError
-from components.k8s_models import from_dict, to_dict
-from components.local_serving import LocalPredictor, start_local
-
-REPO = Path(__file__).resolve().parents[1]
-# The image of the pipeline components carries the manifests at the same place (components/Dockerfile).
-MANIFESTS_DIR = Path(os.environ.get("TOPTAGGER_MANIFESTS", REPO / "manifests"))
-OVERLAYS = ("cpu", "gpu", "fpga")
-CONTAINER = "kserve-container"
-STORAGE_ENV = "STORAGE_URI"
-# Schemes that KServe's storage initializer downloads; a cluster cannot read this machine's disk.
-CLUSTER_SCHEMES = ("s3://", "gs://", "https://", "http://", "pvc://", "hdfs://", "webhdfs://", "hf://", "oci://")
+TARGETS = ("none", "local", "cluster")
 
 
-class DeployError(TaggerError, RuntimeError):
-    """The cluster refused the InferenceService, or it did not become ready in time."""
+def deploy(
+    target: str, model_name: str, overlay: str, namespace: str, http_port: int, grpc_port: int, version: str
+) -> NamedTuple("Deployment", [("url", str), ("details", str)]):
+    """Serve the champion: none, a local predictor process, or the InferenceService of an overlay."""
+    import json
+
+    from components.step import step
+
+    with step("deploy"):
+        from components.deploy import deploy_step
+
+        d = deploy_step(target, model_name, overlay, namespace, http_port, grpc_port, version)
+    return (d["url"], json.dumps(d))
 
 
-@dataclass(frozen=True)
-class ClusterDeployment:
-    """Where a ready InferenceService answers."""
+def deploy_step(
+    target: str, model_name: str, overlay: str, namespace: str, http_port: int, grpc_port: int, version: str
+) -> dict[str, Any]:
+    """Serve ``model_name``'s champion (``version`` is what the register step made, for the log)."""
+    from components.step import log
+    from toptagger import registry
+    from toptagger.constants import CHAMPION
+    from toptagger.errors import ConfigError
 
-    name: str
-    namespace: str
-    url: str | None  # external URL (status.url), e.g. through the ingress or gateway
-    address: str | None  # in-cluster address (status.address.url)
-    generation: int
+    if target not in TARGETS:
+        raise ConfigError(f"deploy_target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if target == "none":
+        log.info("deploy_target=none: not serving %s version %s", model_name, version)
+        return {"target": target, "url": "", "model_uri": ""}
+    from toptagger.deploy.kserve import CLUSTER_SCHEMES, deploy_to_cluster, kserve_client, render
+    from toptagger.model_uri import resolve
 
+    registry.check_tracking()
+    model_uri = resolve(f"models:/{model_name}@{CHAMPION}")
+    if target == "local":
+        from serving.process import start_local
 
-# --------------------------------------------------------------------------------------------
-# Rendering
-
-
-def kubectl() -> str:
-    """The kubectl binary: ``$KUBECTL`` or the first one on PATH."""
-    found = os.environ.get("KUBECTL") or shutil.which("kubectl")
-    if not found:
-        raise ConfigError("kubectl is not on PATH (set KUBECTL=/path/to/kubectl); it builds the kustomize overlays")
-    return found
-
-
-def kustomize(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """``kubectl kustomize DIRECTORY``, as a list of manifests."""
-    path = Path(directory)
-    if not (path / "kustomization.yaml").is_file():
-        raise ConfigError(f"{path}: not a kustomize directory (no kustomization.yaml)")
-    result = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        raise ConfigError(f"kubectl kustomize {path} failed: {result.stderr.strip()}")
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def _overlay_dir(overlay: str, manifests_dir: Path) -> Path:
-    if overlay not in OVERLAYS:
-        raise ConfigError(f"unknown overlay {overlay!r}; choose one of {', '.join(OVERLAYS)}")
-    return manifests_dir / "overlays" / overlay
-
-
-def render(
-    storage_uri: str,
-    overlay: str = "cpu",
-    *,
-    namespace: str | None = None,
-    manifests_dir: str | os.PathLike[str] = MANIFESTS_DIR,
-) -> V1beta1InferenceService:
-    """The overlay's InferenceService, with ``storage_uri`` as the model to serve."""
-    if not storage_uri:
-        raise ConfigError("a storage URI is needed (e.g. s3://bucket/path/to/model)")
-    docs = kustomize(_overlay_dir(overlay, Path(manifests_dir)))
-    found = [doc for doc in docs if doc.get("kind") == constants.KSERVE_KIND_INFERENCESERVICE]
-    if len(found) != 1:
-        raise ConfigError(f"overlay {overlay!r} holds {len(found)} InferenceServices; expected exactly one")
-    isvc = from_dict(found[0], "V1beta1InferenceService", "InferenceService")
-    containers = [c for c in isvc.spec.predictor.containers or [] if c.name == CONTAINER]
-    if not containers:
-        raise ConfigError(f"overlay {overlay!r}: the predictor has no container named {CONTAINER}")
-    env = [e for e in containers[0].env or [] if e.name == STORAGE_ENV]
-    if len(env) != 1:
-        raise ConfigError(f"overlay {overlay!r}: {CONTAINER} must set {STORAGE_ENV} exactly once")
-    env[0].value = storage_uri
-    if namespace:
-        isvc.metadata.namespace = namespace
-    return isvc
-
-
-def resolve_model_uri(uri: str) -> str:
-    """A ``models:/name/version`` or ``models:/name@alias`` becomes the version's artifact URI.
-
-    The MLflow tracking server (``MLFLOW_TRACKING_URI``) knows where the files of a registered
-    version really are; with S3 artifacts that is the ``s3://`` URI KServe downloads. Any other
-    URI is returned as it is.
-    """
-    if not uri.startswith("models:/"):
-        return uri
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    ref = uri[len("models:/") :]
-    client = MlflowClient()
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias).version
-        else:
-            name, _, version = ref.partition("/")
-            if not version:
-                raise ConfigError(f"{uri}: name a version or an alias (models:/NAME/VERSION or models:/NAME@ALIAS)")
-        return str(client.get_model_version_download_uri(name, version))
-    except MlflowException as exc:
-        raise ConfigError(f"{uri}: {exc.message}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Cluster
-
-
-def kserve_client(kubeconfig: str | None = None, context: str | None = None) -> Any:
-    """A ``KServeClient``: in-cluster credentials in a pod, else the kubeconfig."""
-    from kserve import KServeClient
-    from kubernetes.config import ConfigException
-
-    try:
-        return KServeClient(config_file=kubeconfig, context=context)
-    except (ConfigException, OSError) as exc:
-        raise ConfigError(f"no usable Kubernetes configuration ({exc}); set KUBECONFIG or pass --kubeconfig") from None
-
-
-def merge_patch(current: Any, desired: Any) -> Any:
-    """An RFC 7386 merge patch that turns ``current`` into ``desired``.
-
-    A merge patch keeps map keys it does not mention, so every key that ``current`` has and
-    ``desired`` lacks is sent as null: switching overlays then removes e.g. the FPGA nodeSelector
-    instead of leaving it behind. Lists are replaced whole, as merge patches do anyway.
-    """
-    if not (isinstance(current, dict) and isinstance(desired, dict)):
-        return desired
-    patch: dict[str, Any] = {key: None for key in current if key not in desired}
-    for key, value in desired.items():
-        patch[key] = merge_patch(current[key], value) if key in current else value
-    return patch
-
-
-def _api_error(action: str, exc: Exception) -> DeployError:
-    status = getattr(exc, "status", None)
-    reason = getattr(exc, "body", None) or exc
-    if status in (401, 403):
-        return DeployError(
-            f"{action}: not allowed ({status}); bind the top-tagger-deployer Role (manifests/base/deployer-rbac.yaml) "
-            f"to this ServiceAccount: {reason}"
+        predictor = start_local(model_uri, http_port=http_port, grpc_port=grpc_port)
+        log.info("serving %s@%s at %s (pid %d)", model_name, CHAMPION, predictor.url, predictor.process.pid)
+        return {
+            "target": target,
+            "url": predictor.url,
+            "grpc": predictor.grpc_target,
+            "pid": predictor.process.pid,
+            "log": str(predictor.log_path),
+            "model_uri": model_uri,
+        }
+    if not model_uri.startswith(CLUSTER_SCHEMES):
+        raise ConfigError(
+            f"{model_uri}: the champion's files are not where a cluster can read them; "
+            "use an MLflow server with S3 artifacts (MLFLOW_TRACKING_URI + MLFLOW_S3_ENDPOINT_URL)"
         )
-    return DeployError(f"{action}: {reason}")
-
-
-def apply(isvc: V1beta1InferenceService, client: Any) -> dict[str, Any]:
-    """Create the InferenceService, or patch the existing one to match; returns the server's object."""
-    from kubernetes.client.rest import ApiException
-
-    name, namespace = isvc.metadata.name, isvc.metadata.namespace or "default"
-    version = isvc.api_version.split("/")[1]
-    where = f"InferenceService {namespace}/{name}"
-    api = client.api_instance  # the KServeClient's CustomObjectsApi
-    args = (constants.KSERVE_GROUP, version, namespace, constants.KSERVE_PLURAL_INFERENCESERVICE)
-    try:
-        current = api.get_namespaced_custom_object(*args, name)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise _api_error(f"reading {where}", exc) from None
-        current = None
-    desired = to_dict(isvc)
-    if current is None:
-        try:
-            return client.create(isvc, namespace=namespace)
-        except RuntimeError as exc:  # KServeClient wraps every ApiException in a RuntimeError
-            raise DeployError(f"creating {where}: {exc}") from None
-    body = {
-        # Optimistic concurrency: the server answers 409 if someone changed the object meanwhile.
-        "metadata": {
-            "resourceVersion": current["metadata"]["resourceVersion"],
-            "labels": desired["metadata"].get("labels") or {},
-            "annotations": desired["metadata"].get("annotations") or {},
-        },
-        "spec": merge_patch(current.get("spec", {}), desired["spec"]),
-    }
-    try:
-        # KServeClient.patch() takes an SDK object, whose serialization drops the nulls a merge
-        # patch needs to remove keys; so the patch goes through its CustomObjectsApi directly.
-        return api.patch_namespaced_custom_object(*args, name, body)
-    except ApiException as exc:
-        raise _api_error(f"patching {where}", exc) from None
-
-
-def _unready_reasons(status: dict[str, Any]) -> str:
-    reasons = [
-        f"{c.get('type')}={c.get('status')} ({c.get('reason', '')}: {c.get('message', '')})"
-        for c in status.get("conditions", [])
-        if str(c.get("status")).lower() != "true"
-    ]
-    return "; ".join(reasons) or "no conditions reported yet"
-
-
-def wait_ready(
-    client: Any, name: str, namespace: str, generation: int, timeout_s: float = 600, poll_s: float = 5
-) -> ClusterDeployment:
-    """Poll until the InferenceService's Ready condition is True for ``generation`` (or later)."""
-    deadline = time.monotonic() + timeout_s
-    status: dict[str, Any] = {}
-    while True:
-        try:
-            obj = client.get(name, namespace=namespace)
-        except RuntimeError as exc:
-            raise DeployError(f"reading InferenceService {namespace}/{name}: {exc}") from None
-        status = obj.get("status") or {}
-        ready = any(
-            c.get("type") == "Ready" and str(c.get("status")).lower() == "true" for c in status.get("conditions", [])
-        )
-        # Ready from the previous generation says nothing about the model just deployed.
-        if ready and int(status.get("observedGeneration", 0)) >= generation:
-            return ClusterDeployment(
-                name, namespace, status.get("url"), (status.get("address") or {}).get("url"), generation
-            )
-        if time.monotonic() + poll_s > deadline:
-            raise DeployError(
-                f"InferenceService {namespace}/{name} (generation {generation}) not ready after {timeout_s:.0f} s: "
-                f"{_unready_reasons(status)}. Look at: kubectl -n {namespace} describe isvc {name}"
-            )
-        time.sleep(poll_s)
-
-
-def deploy_to_cluster(
-    isvc: V1beta1InferenceService, client: Any, *, timeout_s: float = 600, poll_s: float = 5
-) -> ClusterDeployment:
-    """Create or patch ``isvc`` and wait until it serves."""
-    result = apply(isvc, client)
-    meta = result["metadata"]
-    return wait_ready(client, meta["name"], meta["namespace"], int(meta.get("generation", 1)), timeout_s, poll_s)
+    isvc = render(model_uri, overlay, namespace=namespace or None)
+    deployed = deploy_to_cluster(isvc, kserve_client())
+    url = deployed.url or deployed.address or ""
+    log.info("InferenceService %s/%s serves %s at %s", deployed.namespace, deployed.name, model_uri, url)
+    return {"target": target, "url": url, "model_uri": model_uri, "generation": deployed.generation}
 
 
 # --------------------------------------------------------------------------------------------
-# CLI
+# python -m components.deploy
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m components.deploy", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    from serving.backends import BACKENDS
+    from toptagger.cli import positive_int
+    from toptagger.deploy.kserve import MANIFESTS_DIR, OVERLAYS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m components.deploy", description="Deploy a model: InferenceService, or a local predictor."
+    )
     sub = parser.add_subparsers(dest="mode", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -291,9 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--url-file", type=Path, help="also write the service URL to this file (pipeline output)")
 
     local = sub.add_parser("local", parents=[common], help="run the predictor here until interrupted")
-    local.add_argument("--http-port", type=positive_int, default=8080)
-    local.add_argument("--grpc-port", type=positive_int, default=8081)
-    local.add_argument("--backend", choices=("torch", "opencl"), help="default: the predictor's (BACKEND or torch)")
+    local.add_argument("--http-port", type=positive_int, default=HTTP_PORT)
+    local.add_argument("--grpc-port", type=positive_int, default=GRPC_PORT)
+    local.add_argument("--backend", choices=list(BACKENDS), help="default: the predictor's (BACKEND or torch)")
     local.add_argument("--timeout", type=positive_int, default=300, help="seconds to wait for ready (default 300)")
     return parser
 
@@ -302,7 +128,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _serve_until_interrupted(predictor: LocalPredictor) -> int:
+def _serve_until_interrupted(predictor: Any) -> int:
     # SIGTERM (e.g. from a pipeline runner) stops the predictor as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -317,8 +143,16 @@ def _serve_until_interrupted(predictor: LocalPredictor) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    model_uri = resolve_model_uri(args.model_uri)
+    import yaml
+
+    from serving.process import start_local
+    from toptagger.deploy.k8s_models import to_dict
+    from toptagger.deploy.kserve import CLUSTER_SCHEMES, deploy_to_cluster, kserve_client, render
+    from toptagger.errors import ConfigError
+    from toptagger.model_uri import resolve
+
+    args = build_parser().parse_args(argv)
+    model_uri = resolve(args.model_uri)
     if args.mode == "local":
         predictor = start_local(
             model_uri, http_port=args.http_port, grpc_port=args.grpc_port, backend=args.backend, timeout_s=args.timeout
@@ -329,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "cluster" and not model_uri.startswith(CLUSTER_SCHEMES):
         raise ConfigError(
             f"{model_uri}: a cluster cannot read this machine's files; give an s3:// URI "
-            "(upload with components.storage, or register the model in MLflow with S3 artifacts)"
+            "(upload with toptagger.storage, or register the model in MLflow with S3 artifacts)"
         )
     isvc = render(model_uri, args.overlay, namespace=args.namespace, manifests_dir=args.manifests)
     if args.mode == "render":
@@ -345,4 +179,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from toptagger.cli import run_cli
+
     sys.exit(run_cli(main))

@@ -1,166 +1,97 @@
-"""Evaluate a saved tagger on a test sample, beside the jet-mass-window baseline.
+"""The evaluate step: the tagger and the jet-mass window on the held-out test jets.
 
-Writes ``metrics.json``, ``roc.png`` (background rejection 1/eps_B against signal efficiency eps_S,
-log scale, as in the landscape paper) and ``scores.png`` (score distribution per class) into an
-output folder, for the pipeline to log to MLflow and the Kubeflow UI.
-
-The baseline is always computed on the same jets: score = -|m_jet - 175 GeV|. On generated jets
-without detector smearing it is strong (AUC about 0.96, 1/eps_B about 330 at eps_S = 0.3), so a
-network is only worth something where it beats it by more than the combined uncertainty.
-
-    python -m components.evaluate --model runs/demo/model --data test.h5 --out runs/demo/eval
+``evaluate`` is the Kubeflow component; :func:`evaluate_step` the plain function it runs; and
+``python -m components.evaluate`` evaluates a saved model on a file (``main``). Outputs: scalar
+``Metrics``, the ROC as ``ClassificationMetrics`` (the KFP UI draws it), the evaluation folder
+(``metrics.json``, ``roc.png``, ``scores.png``) and an HTML report.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: KFP reads the component's annotations as objects.
 import argparse
-import json
-import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from components.cli import positive_int, run_cli
-from components.errors import ConfigError
-from components.jetdata import JetBatch, read_jets
-from components.kinematics import jet_four_momentum, mass
-from components.metrics import SIGNAL_EFFICIENCIES, Metric, roc_curve, tagger_metrics
-from components.model import JetTagger, load_model, score_jets
-
-log = logging.getLogger(__name__)
-
-TOP_MASS_GEV = 175.0
-METRICS_FILE = "metrics.json"
-ROC_FILE = "roc.png"
-SCORES_FILE = "scores.png"
+ROC_POINTS = 200  # the UI draws a few hundred points well; a full ROC has one per test jet
 
 
-def mass_window_score(constituents: np.ndarray) -> np.ndarray:
-    """The baseline tagger: -|m_jet - 175 GeV| (closer to the top mass = more top-like)."""
-    return -np.abs(mass(jet_four_momentum(constituents)) - TOP_MASS_GEV)
+def evaluate(
+    model: Input[Model],
+    test_jets: Input[Dataset],
+    n_bootstrap: int,
+    seed: int,
+    metrics: Output[Metrics],
+    roc: Output[ClassificationMetrics],
+    evaluation: Output[Artifact],
+    report: Output[HTML],
+):
+    """AUC and 1/eps_B of the tagger and of the jet-mass window on the test jets; ROC and report."""
+    from components.step import step
+
+    with step("evaluate"):
+        from components.evaluate import evaluate_step
+
+        evaluate_step(model, test_jets, metrics, roc, evaluation, report, n_bootstrap, seed)
 
 
-def _rejections() -> list[str]:
-    return [f"rejection_{eff}" for eff in SIGNAL_EFFICIENCIES]
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _compare(network: Metric, baseline: Metric) -> dict[str, Any]:
-    """Network minus baseline, and whether it exceeds the combined bootstrap uncertainty."""
-    difference = network.value - baseline.value
-    combined = math.hypot(network.error, baseline.error)
-    # NaN (an error from replicas with no background left) compares False: no claim is made.
-    beats = bool(difference > combined)
-    return {
-        "difference": _finite(difference),
-        "combined_error": _finite(combined),
-        "network_beats_baseline": beats,
-    }
-
-
-def _summary(metrics: dict[str, Metric]) -> dict[str, Any]:
-    return {name: metric.to_dict() for name, metric in metrics.items()}
-
-
-def evaluate_scores(
-    labels: np.ndarray,
-    network_logit: np.ndarray,
-    network_probability: np.ndarray,
-    baseline_score: np.ndarray,
-    out_dir: Path,
-    n_bootstrap: int = 200,
-    seed: int = 0,
+def evaluate_step(
+    model: Any, test_jets: Any, metrics: Any, roc: Any, evaluation: Any, report: Any, n_bootstrap: int, seed: int
 ) -> dict[str, Any]:
-    """Metrics JSON and plots for given scores (the model-free half of :func:`evaluate_model`)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Logits rank jets without the ties that float32 probabilities saturating at 1.0 would make.
-    network = tagger_metrics(labels, network_logit, network_probability, n_bootstrap, seed)
-    baseline = tagger_metrics(labels, baseline_score, None, n_bootstrap, seed)
-    comparison = {name: _compare(network[name], baseline[name]) for name in ("auc", *_rejections())}
-    result = {
-        "n_jets": len(labels),
-        "n_top": int(np.sum(labels == 1)),
-        "n_qcd": int(np.sum(labels == 0)),
-        "bootstrap_replicas": n_bootstrap,
-        "network": _summary(network),
-        "mass_window": _summary(baseline) | {"definition": f"-|m_jet - {TOP_MASS_GEV} GeV|"},
-        "network_vs_mass_window": comparison,
-    }
-    with (out_dir / METRICS_FILE).open("w") as fh:
-        json.dump(result, fh, indent=2, allow_nan=False)
-    plot_roc(labels, {"ResNet-50": network_logit, "mass window": baseline_score}, out_dir / ROC_FILE)
-    plot_scores(labels, network_probability, out_dir / SCORES_FILE)
+    """Evaluate the ``model`` folder on ``test_jets``; fill the four outputs."""
+    from components.step import log
+    from toptagger.evaluation.evaluate import evaluate_scores, flatten, mass_window_score, network_scores
+    from toptagger.evaluation.report import format_metric, write_report
+    from toptagger.jets.compact import load_jets
+    from toptagger.model import load_model
+    from toptagger.training.trainer import MODEL_DIR
+
+    jets = load_jets(test_jets.path)
+    tagger = load_model(Path(model.path) / MODEL_DIR)
+    out = Path(evaluation.path)
+    # The logits are kept for the ROC artifact instead of scoring twice.
+    logit, probability = network_scores(tagger, jets.constituents)
+    baseline = mass_window_score(jets.constituents)
+    result = evaluate_scores(jets.labels, logit, probability, baseline, out, n_bootstrap=n_bootstrap, seed=seed)
+    flat = flatten(result)
+    for key, value in flat.items():
+        metrics.log_metric(key, value)
+    evaluation.metadata.update(flat)
+    log_roc(roc, jets.labels, logit)
+    write_report(Path(report.path), result, out)
+    net, base = result["network"], result["mass_window"]
+    log.info(
+        "test AUC %s (mass window %s), 1/eps_B at eps_S=0.3: %s (mass window %s)",
+        *(format_metric(block[key]["value"]) for key in ("auc", "rejection_0.3") for block in (net, base)),
+    )
     return result
 
 
-def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], path: Path) -> None:
-    """1/eps_B against eps_S, log y, one curve per tagger (the landscape paper's figure)."""
-    import matplotlib
+def log_roc(roc: Any, labels: Any, scores: Any) -> None:
+    """The network's ROC, thinned to about ROC_POINTS points, as KFP ClassificationMetrics."""
+    import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from toptagger.evaluation.metrics import roc_curve
+    from toptagger.signature import CLASSES
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for name, score in scores.items():
-        fpr, tpr, _ = roc_curve(labels, score)
-        keep = fpr > 0
-        ax.plot(tpr[keep], 1.0 / fpr[keep], label=name)
-    for eff in SIGNAL_EFFICIENCIES:
-        ax.axvline(eff, color="grey", lw=0.6, ls=":")
-    ax.set_yscale("log")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel(r"signal efficiency $\epsilon_S$")
-    ax.set_ylabel(r"background rejection $1/\epsilon_B$")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(ROC_POINTS, len(fpr))).round().astype(int))
+    # The first threshold is +inf (nothing selected), which JSON cannot hold.
+    finite = np.where(np.isfinite(thresholds), thresholds, np.nanmax(thresholds[np.isfinite(thresholds)]) + 1)
+    roc.log_roc_curve(fpr[keep].tolist(), tpr[keep].tolist(), finite[keep].tolist())
+    predicted = (scores > 0).astype(int)  # logit 0 = probability 0.5
+    matrix = [[int(np.sum((labels == t) & (predicted == p))) for p in (0, 1)] for t in (0, 1)]
+    roc.log_confusion_matrix(list(CLASSES), matrix)
 
 
-def plot_scores(labels: np.ndarray, probability: np.ndarray, path: Path) -> None:
-    """Histogram of the network's top probability for top and QCD jets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    bins = np.linspace(0, 1, 41)
-    for label, name in ((1, "top"), (0, "QCD")):
-        ax.hist(probability[labels == label], bins=bins, histtype="step", density=True, label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("network top probability")
-    ax.set_ylabel("density")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
-
-
-def evaluate_model(
-    model: JetTagger,
-    jets: JetBatch,
-    out_dir: str | Path,
-    n_bootstrap: int = 200,
-    seed: int = 0,
-    batch_size: int = 256,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Score ``jets`` with ``model`` and write the metrics JSON and PNGs into ``out_dir``."""
-    logit = score_jets(model, jets.constituents, batch_size=batch_size, device=device, logits=True)
-    probability = 1.0 / (1.0 + np.exp(-logit))
-    baseline = mass_window_score(jets.constituents)
-    return evaluate_scores(jets.labels, logit, probability, baseline, Path(out_dir), n_bootstrap, seed)
+# --------------------------------------------------------------------------------------------
+# python -m components.evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from toptagger.cli import positive_int
+
     parser = argparse.ArgumentParser(
         prog="python -m components.evaluate",
         description="Evaluate a saved tagger on a test sample, beside the jet-mass-window baseline.",
@@ -187,30 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from toptagger.errors import ConfigError
+    from toptagger.evaluation.evaluate import METRICS_FILE, ROC_FILE, SCORES_FILE, evaluate_model
+    from toptagger.evaluation.metrics import SIGNAL_EFFICIENCIES
+    from toptagger.evaluation.report import format_entry
+    from toptagger.jets.dataset import read_jets
+    from toptagger.model import load_model
+
     args = build_parser().parse_args(argv)
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     jets = read_jets(args.data)
     if args.split == "test":
-        from components.train import split_indices
+        from toptagger.training.data import split_indices
 
         jets = jets[split_indices(len(jets), args.split_seed, args.val_fraction, args.test_fraction)[2]]
     model = load_model(args.model)
     result = evaluate_model(model, jets, args.out, args.bootstrap, args.seed, args.batch_size, args.device)
     net, base = result["network"], result["mass_window"]
-    for name in ("auc", *_rejections()):
-        print(f"{name:16s} network {_fmt(net[name])}   mass window {_fmt(base[name])}")
-    print(f"accuracy         network {_fmt(net['accuracy'])}")
+    for name in ("auc", *(f"rejection_{eff}" for eff in SIGNAL_EFFICIENCIES)):
+        print(f"{name:16s} network {format_entry(net[name])}   mass window {format_entry(base[name])}")
+    print(f"accuracy         network {format_entry(net['accuracy'])}")
     print(f"wrote {args.out / METRICS_FILE}, {args.out / ROC_FILE}, {args.out / SCORES_FILE}")
     return 0
 
 
-def _fmt(metric: dict[str, float | None]) -> str:
-    value, error = metric["value"], metric["error"]
-    if value is None:
-        return "inf (no background left)"
-    return f"{value:.4g} ± {error:.2g}" if error is not None else f"{value:.4g}"
-
-
 if __name__ == "__main__":
+    from toptagger.cli import run_cli
+
     raise SystemExit(run_cli(main))

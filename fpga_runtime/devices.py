@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pyopencl as cl
 
-from components.errors import ConfigError
 from fpga_runtime.errors import POCL_HINT, NoDeviceError
+from toptagger.errors import ConfigError
 
 ENV_DEVICE = "TOPTAGGER_OPENCL_DEVICE"
 ENV_DEVICE_TYPE = "TOPTAGGER_OPENCL_DEVICE_TYPE"
@@ -246,6 +246,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_cli
+    from toptagger.cli import run_cli
 
     raise SystemExit(run_cli(main))

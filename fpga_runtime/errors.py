@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from components.errors import ConfigError, TaggerError
+from toptagger.errors import ConfigError, TaggerError
 
 POCL_HINT = (
     "PoCL reports no device when it cannot write its kernel cache: set POCL_CACHE_DIR and "

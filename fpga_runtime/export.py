@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from components.errors import ConfigError
 from fpga_runtime import quantize
 from fpga_runtime.errors import PackageError, PrecisionError, UnsupportedLayerError
 from fpga_runtime.package import PLAN_FILE, PLAN_FORMAT, PLAN_VERSION, write_package
+from toptagger.errors import ConfigError
 
 CLASSES = ("qcd", "top")
 
@@ -359,6 +359,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_cli
+    from toptagger.cli import run_cli
 
     raise SystemExit(run_cli(main))

@@ -23,9 +23,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from components.cli import run_cli
-from components.errors import ConfigError
 from pipelines.gpu_pool import GpuPool
+from toptagger.cli import run_cli
+from toptagger.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "manifests" / "pipelines" / "top_tagging.yaml"
@@ -51,11 +51,13 @@ def compile_yaml(image: str | None = None, gpu_pool: GpuPool | None = None) -> s
 
 def kfp_config() -> str:
     """``kfp_config.ini``: each component function -> its file, relative to the image's /app."""
-    from pipelines import tasks
+    import inspect
+
+    from pipelines.top_tagging import STEPS
 
     config = configparser.ConfigParser()
     config.optionxform = str  # function names are case-sensitive
-    config["Components"] = {step.__name__: "pipelines/tasks.py" for step in tasks.STEPS}
+    config["Components"] = {step.__name__: str(Path(inspect.getfile(step)).relative_to(REPO)) for step in STEPS}
     text = io.StringIO()
     config.write(text)
     return text.getvalue()

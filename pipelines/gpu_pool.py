@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from components.errors import ConfigError
+from toptagger.errors import ConfigError
 
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 # Kubernetes label keys: an optional DNS-subdomain prefix and "/", then a name of at most 63

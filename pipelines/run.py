@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -27,16 +26,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.cli import positive_int, run_cli
-from components.errors import ConfigError, TaggerError
+from components.deploy import TARGETS
 from pipelines.compile import cluster_only_settings
 from pipelines.report import ExecutorDumpFilter, events, print_table, summary_rows
+from serving.process import free_port
+from toptagger.cli import positive_int, run_cli
+from toptagger.constants import GRPC_PORT, HTTP_PORT, OVERLAYS
+from toptagger.errors import ConfigError, TaggerError
+from toptagger.training.config import PIPELINE_PARAMETERS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("pipelines.run")
-
-# Small enough for 2 CPU cores: about 5 minutes, test AUC 0.9735 (docs/pipeline.md).
-DEMO = {"n_signal": 3000, "n_background": 3000, "image_size": 40, "epochs": 5, "batch_size": 32}
 
 
 class PipelineFailed(TaggerError, RuntimeError):
@@ -47,41 +47,63 @@ class PipelineFailed(TaggerError, RuntimeError):
 # Arguments
 
 
+# The pipeline's parameters as flags: (group, parameter, flag, argparse settings that differ).
+# Type, default and help come from the pipeline itself (its signature and docstring), so this
+# runner cannot drift from what a Kubeflow user sees; checkpoint_root comes from --state.
+FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("data", "dataset_uri", "--dataset", {"default": os.environ.get("DATASET", ""), "help": "default $DATASET"}),
+    ("data", "n_signal", "--signal", {"type": positive_int}),
+    ("data", "n_background", "--background", {"type": positive_int}),
+    ("data", "generator_workers", "--workers", {}),
+    ("data", "val_fraction", "--val-fraction", {}),
+    ("data", "test_fraction", "--test-fraction", {}),
+    ("training", "image_size", "--image-size", {"type": positive_int}),
+    ("training", "epochs", "--epochs", {"type": positive_int}),
+    ("training", "batch_size", "--batch-size", {"type": positive_int}),
+    ("training", "learning_rate", "--lr", {}),
+    ("training", "seed", "--seed", {}),
+    ("training", "patience", "--patience", {"type": positive_int}),
+    ("training", "max_steps_per_epoch", "--max-steps-per-epoch", {}),
+    ("training", "base_model_uri", "--base-model", {}),
+    ("training", "n_bootstrap", "--bootstrap", {}),
+    ("registry and serving", "mlflow_experiment", "--experiment", {}),
+    ("registry and serving", "model_name", "--model-name", {}),
+    ("registry and serving", "deploy_target", "--deploy", {"choices": TARGETS, "default": "local"}),
+    ("registry and serving", "deploy_overlay", "--overlay", {"choices": OVERLAYS}),
+    ("registry and serving", "deploy_namespace", "--namespace", {}),
+    ("registry and serving", "http_port", "--http-port", {"type": positive_int, "default": None}),
+    ("registry and serving", "grpc_port", "--grpc-port", {"type": positive_int, "default": None}),
+    ("run", "run_key", "--run-key", {}),
+)
+_TYPES = {"String": str, "Integer": int, "Double": float, "Boolean": bool}
+_LOCAL_HELP = {
+    "deploy_target": "serve the champion: local predictor process (default here), cluster, or none",
+    "http_port": "local predictor (default: a free port)",
+    "grpc_port": "local predictor (default: a free port)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.top_tagging import top_tagging
+
     parser = argparse.ArgumentParser(prog="python -m pipelines.run", description=__doc__.split("\n\n")[0])
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=os.environ.get("DATASET", ""),
-                      help="reference-format jets (path or s3://); default $DATASET, else generate")  # fmt: skip
-    data.add_argument("--signal", type=positive_int, default=DEMO["n_signal"], help="top jets to generate")
-    data.add_argument("--background", type=positive_int, default=DEMO["n_background"], help="QCD jets to generate")
-    data.add_argument("--workers", type=int, default=0, help="generator processes (0: all cores)")
-    data.add_argument("--val-fraction", type=float, default=0.15)
-    data.add_argument("--test-fraction", type=float, default=0.15)
-    train = parser.add_argument_group("training")
-    train.add_argument("--image-size", type=positive_int, default=DEMO["image_size"])
-    train.add_argument("--epochs", type=positive_int, default=DEMO["epochs"])
-    train.add_argument("--batch-size", type=positive_int, default=DEMO["batch_size"])
-    train.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    train.add_argument("--seed", type=int, default=1)
-    train.add_argument("--patience", type=positive_int, default=3)
-    train.add_argument("--max-steps-per-epoch", type=int, default=0, help="0: whole epochs")
-    train.add_argument("--base-model", default="", help="weights to fine-tune from (file, s3://, models:/...)")
-    train.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicas for the test metrics")
-    registry = parser.add_argument_group("registry and serving")
-    registry.add_argument("--experiment", default="top-tagging", help="MLflow experiment")
-    registry.add_argument("--model-name", default="top-tagger", help="registered model name")
-    registry.add_argument("--deploy", choices=("none", "local", "cluster"), default="local",
-                          help="serve the champion: local predictor process (default), cluster, or none")  # fmt: skip
-    registry.add_argument("--overlay", choices=("cpu", "gpu", "fpga"), default="cpu", help="with --deploy cluster")
-    registry.add_argument("--namespace", default="", help="with --deploy cluster (default: the overlay's)")
-    registry.add_argument("--http-port", type=positive_int, help="local predictor (default: a free port)")
-    registry.add_argument("--grpc-port", type=positive_int, help="local predictor (default: a free port)")
-    registry.add_argument("--keep-serving", action="store_true", help="leave the local predictor running")
-    run = parser.add_argument_group("run")
+    inputs = top_tagging.component_spec.inputs
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for group, name, flag, settings in FLAGS:
+        spec = inputs[name]
+        description = " ".join((spec.description or "").split()).replace("%", "%%")
+        note = settings.get("help")
+        options = {"dest": name, "type": _TYPES[spec.type], "default": spec.default}
+        options |= {key: value for key, value in settings.items() if key != "help"}
+        options["help"] = f"{description} ({note})" if note else _LOCAL_HELP.get(name, description)
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        groups[group].add_argument(flag, **options)
+    run = groups["run"]
     run.add_argument("--state", type=Path, default=Path(os.environ.get("STATE", REPO / ".state")),
                      help="local state folder (default .state)")  # fmt: skip
     run.add_argument("--no-cache", action="store_true", help="run every task, even the cached data steps")
-    run.add_argument("--run-key", default="", help="resume the run with this key (printed at the start)")
+    run.add_argument("--keep-serving", action="store_true", help="leave the local predictor running")
     run.add_argument("--summary-json", type=Path, help="also write the summary as JSON")
     run.add_argument("--verbose", action="store_true", help="also print KFP's executor input/output dumps")
     return parser
@@ -89,48 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pipeline_arguments(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     """The pipeline's parameters from the command line, checked before any task starts."""
-    from pipelines.steps.deploy import TARGETS
-    from pipelines.steps.train import train_config
-
-    train = {
-        "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
-        "learning_rate": args.lr, "seed": args.seed, "base_model_uri": args.base_model,
-        "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
-        "max_steps_per_epoch": args.max_steps_per_epoch, "patience": args.patience,
-    }  # fmt: skip
-    train_config(**train)  # raises ConfigError naming the bad value
+    arguments = {name: getattr(args, name) for _, name, _, _ in FLAGS}
+    TrainConfig.from_pipeline(**{name: arguments[name] for name in PIPELINE_PARAMETERS})  # names a bad value
     if not 0 < args.test_fraction < 1:
         raise ConfigError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    if args.bootstrap < 0:
-        raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0 (0: all cores), got {args.workers}")
-    if args.deploy not in TARGETS:
-        raise ConfigError(f"--deploy must be one of {TARGETS}")
-    if args.dataset and not args.dataset.startswith("s3://") and not Path(args.dataset).is_file():
-        raise ConfigError(f"--dataset {args.dataset}: no such file")
+    if args.n_bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0, got {args.n_bootstrap}")
+    if args.generator_workers < 0:
+        raise ConfigError(f"--workers must be >= 0 (0: all cores), got {args.generator_workers}")
+    dataset = args.dataset_uri
+    if dataset and not dataset.startswith("s3://") and not Path(dataset).is_file():
+        raise ConfigError(f"--dataset {dataset}: no such file")
+    if dataset and not dataset.startswith("s3://"):
+        dataset = str(Path(dataset).resolve())  # tasks run with another working directory in a cluster
     # A key known before the run starts, so that an interrupted run can be resumed with --run-key.
     run_key = args.run_key or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     http_port, grpc_port = args.http_port, args.grpc_port
-    if args.deploy == "local":
+    if args.deploy_target == "local":
         http_port, grpc_port = http_port or free_port(), grpc_port or free_port()
-    dataset = args.dataset
-    if dataset and not dataset.startswith("s3://"):
-        dataset = str(Path(dataset).resolve())  # tasks run with another working directory in a cluster
-    return train | {
-        "dataset_uri": dataset, "n_signal": args.signal, "n_background": args.background,
-        "generator_workers": args.workers, "n_bootstrap": args.bootstrap,
-        "checkpoint_root": str(state / "checkpoints"), "run_key": run_key,
-        "mlflow_experiment": args.experiment, "model_name": args.model_name, "deploy_target": args.deploy,
-        "deploy_overlay": args.overlay, "deploy_namespace": args.namespace,
-        "http_port": http_port or 8080, "grpc_port": grpc_port or 8081,
-    }  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return arguments | {
+        "dataset_uri": dataset,
+        "checkpoint_root": str(state / "checkpoints"),
+        "run_key": run_key,
+        "http_port": http_port or HTTP_PORT,
+        "grpc_port": grpc_port or GRPC_PORT,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,10 +162,9 @@ def run_pipeline(arguments: dict[str, Any], state: Path, cache: bool = True, ver
     """Run the pipeline through kfp.local; returns the summary (raises PipelineFailed with the task's message)."""
     from kfp import local
 
-    from components import registry
-    from pipelines.steps import EVENTS_ENV
-    from pipelines.steps.common import CODE_VERSION_ENV, code_version
+    from components.step import CODE_VERSION_ENV, EVENTS_ENV, code_version
     from pipelines.top_tagging import build_pipeline
+    from toptagger import registry
 
     state = state.resolve()
     runs = state / "runs"

@@ -2,7 +2,14 @@
 
 ``top_tagging`` (built at import, for clusters) is what ``python -m pipelines.compile`` writes to
 ``manifests/pipelines/top_tagging.yaml``; ``python -m pipelines.run`` builds the same graph with
-lightweight components for ``kfp.local`` (see :mod:`pipelines.tasks` for the one difference).
+lightweight components for ``kfp.local``. The components are the typed functions of
+``components/`` (one module per step); :func:`make_components` turns them into KFP components,
+with the one decorator argument that differs between the two places they run:
+
+- on a cluster they are containerized Python components (``target_image`` = the components image
+  built from ``components/Dockerfile``; its ``kfp_config.ini`` maps each function to its file);
+- locally, ``kfp.local.SubprocessRunner`` runs lightweight components only (it refuses
+  containerized ones), in this venv, with the repository on ``PYTHONPATH``.
 
 Cluster-only settings (ignored by ``kfp.local``, which ``pipelines.run`` says when it starts):
 - the train task asks for one GPU on the GPU node pool: accelerator type and limit, a node
@@ -16,9 +23,14 @@ from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Metrics
+from kfp.dsl.python_component import PythonComponent
 
-from pipelines import tasks
+from components import data, deploy, evaluate, preprocess, register, train
 from pipelines.gpu_pool import GpuPool
+from toptagger.constants import EXPERIMENT, GRPC_PORT, HTTP_PORT, MODEL_NAME
+
+# The component functions, in pipeline order (pipelines.compile maps each to its file in kfp_config.ini).
+STEPS = (data.data, preprocess.preprocess, train.train, evaluate.evaluate, register.register, deploy.deploy)
 
 # What `make images` builds and pushes (manifests/images.mk: $(REGISTRY)/components:$(TAG)).
 COMPONENTS_IMAGE = os.environ.get("TOPTAGGER_COMPONENTS_IMAGE", "registry.example.com/top-tagger/components:0.1.0")
@@ -76,6 +88,25 @@ def _on_gpu_pool(task: dsl.PipelineTask, pool: GpuPool) -> dsl.PipelineTask:
 NVIDIA_POOL = GpuPool()
 
 
+class Components(NamedTuple):
+    """The six steps as KFP components, for one place to run."""
+
+    data: PythonComponent
+    preprocess: PythonComponent
+    train: PythonComponent
+    evaluate: PythonComponent
+    register: PythonComponent
+    deploy: PythonComponent
+
+
+def make_components(image: str, local: bool) -> Components:
+    """The components, containerized on ``image`` for a cluster, or lightweight for ``kfp.local``."""
+    options = {"base_image": image, "install_kfp_package": False}  # the image and the venv both have kfp
+    if not local:
+        options["target_image"] = image
+    return Components(*(dsl.component(step, **options) for step in STEPS))
+
+
 def build_pipeline(
     image: str = COMPONENTS_IMAGE, local: bool = False, gpu_pool: GpuPool = NVIDIA_POOL
 ) -> dsl.graph_component.GraphComponent:
@@ -83,7 +114,7 @@ def build_pipeline(
 
     ``gpu_pool`` is where the train task runs on a cluster (kfp.local ignores it).
     """
-    c = tasks.build(image, local)
+    c = make_components(image, local)
 
     @dsl.pipeline(name="top-tagging", description="Top-quark jet tagger: data, training, MLflow registry, serving.")
     def top_tagging(
@@ -104,13 +135,13 @@ def build_pipeline(
         n_bootstrap: int = 200,
         checkpoint_root: str = "",
         run_key: str = "",
-        mlflow_experiment: str = "top-tagging",
-        model_name: str = "top-tagger",
+        mlflow_experiment: str = EXPERIMENT,
+        model_name: str = MODEL_NAME,
         deploy_target: str = "none",
         deploy_overlay: str = "cpu",
         deploy_namespace: str = "",
-        http_port: int = 8080,
-        grpc_port: int = 8081,
+        http_port: int = HTTP_PORT,
+        grpc_port: int = GRPC_PORT,
     ) -> Outputs:
         """Train the ResNet-50 top tagger, register it in MLflow and serve the champion.
 
@@ -144,51 +175,77 @@ def build_pipeline(
             http_port: HTTP port of the local predictor (deploy_target=local).
             grpc_port: gRPC port of the local predictor (deploy_target=local).
         """
-        data = c["data"](
+        data_task = c.data(
             dataset_uri=dataset_uri, n_signal=n_signal, n_background=n_background, seed=seed, workers=generator_workers
         )
-        _with_secrets(data)
-        prep = c["preprocess"](
-            dataset=data.outputs["dataset"], seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+        _with_secrets(data_task)
+        preprocess_task = c.preprocess(
+            dataset=data_task.outputs["dataset"], seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
         )
-        train = c["train"](
-            fit_jets=prep.outputs["fit_jets"], image_size=image_size, epochs=epochs, batch_size=batch_size,
-            learning_rate=learning_rate, seed=seed, base_model_uri=base_model_uri, val_fraction=val_fraction,
-            test_fraction=test_fraction, max_steps_per_epoch=max_steps_per_epoch, patience=patience,
-            checkpoint_root=checkpoint_root, run_key=run_key, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        )  # fmt: skip
-        # Training resumes its checkpoint, registration finds its run and version again: both retry safely.
-        _with_secrets(_on_gpu_pool(train, gpu_pool), mlflow=True).set_retry(num_retries=2, backoff_duration="30s")
-        evaluate = c["evaluate"](
-            model=train.outputs["model"], test_jets=prep.outputs["test_jets"], n_bootstrap=n_bootstrap, seed=seed
+        train_task = c.train(
+            fit_jets=preprocess_task.outputs["fit_jets"],
+            image_size=image_size,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            seed=seed,
+            base_model_uri=base_model_uri,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            max_steps_per_epoch=max_steps_per_epoch,
+            patience=patience,
+            checkpoint_root=checkpoint_root,
+            run_key=run_key,
+            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
-        register = c["register"](
-            model=train.outputs["model"], evaluation=evaluate.outputs["evaluation"], fit_jets=prep.outputs["fit_jets"],
-            test_jets=prep.outputs["test_jets"], experiment=mlflow_experiment, model_name=model_name,
-            run_key=run_key, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        )  # fmt: skip
-        _with_secrets(register, mlflow=True).set_retry(num_retries=2, backoff_duration="30s")
-        deploy = c["deploy"](
-            target=deploy_target, model_name=model_name, overlay=deploy_overlay, namespace=deploy_namespace,
-            http_port=http_port, grpc_port=grpc_port, version=register.outputs["version"],
-        )  # fmt: skip
-        _with_secrets(deploy, mlflow=True)
-        # Cache only the data: training, evaluation, registration and deployment are what a new run is for.
-        for task in (train, evaluate, register, deploy):
-            task.set_caching_options(enable_caching=False)
+        # Training resumes its checkpoint, registration finds its run and version again: both retry
+        # safely. Only the data steps are cached: training, evaluation, registration and deployment
+        # are what a new run is for.
+        _with_secrets(_on_gpu_pool(train_task, gpu_pool), mlflow=True).set_retry(num_retries=2, backoff_duration="30s")
+        train_task.set_caching_options(enable_caching=False)
+        evaluate_task = c.evaluate(
+            model=train_task.outputs["model"],
+            test_jets=preprocess_task.outputs["test_jets"],
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
+        evaluate_task.set_caching_options(enable_caching=False)
+        register_task = c.register(
+            model=train_task.outputs["model"],
+            evaluation=evaluate_task.outputs["evaluation"],
+            fit_jets=preprocess_task.outputs["fit_jets"],
+            test_jets=preprocess_task.outputs["test_jets"],
+            experiment=mlflow_experiment,
+            model_name=model_name,
+            run_key=run_key,
+            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        )
+        _with_secrets(register_task, mlflow=True).set_retry(num_retries=2, backoff_duration="30s")
+        register_task.set_caching_options(enable_caching=False)
+        deploy_task = c.deploy(
+            target=deploy_target,
+            model_name=model_name,
+            overlay=deploy_overlay,
+            namespace=deploy_namespace,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            version=register_task.outputs["version"],
+        )
+        _with_secrets(deploy_task, mlflow=True)
+        deploy_task.set_caching_options(enable_caching=False)
         return Outputs(
-            fit_jets=prep.outputs["fit_jets"],
-            test_jets=prep.outputs["test_jets"],
-            training=train.outputs["metrics"],
-            evaluation=evaluate.outputs["metrics"],
-            run_id=register.outputs["run_id"],
-            version=register.outputs["version"],
-            aliases=register.outputs["aliases"],
-            decision=register.outputs["decision"],
-            reason=register.outputs["reason"],
-            model_uri=register.outputs["model_uri"],
-            url=deploy.outputs["url"],
-            deployment=deploy.outputs["details"],
+            fit_jets=preprocess_task.outputs["fit_jets"],
+            test_jets=preprocess_task.outputs["test_jets"],
+            training=train_task.outputs["metrics"],
+            evaluation=evaluate_task.outputs["metrics"],
+            run_id=register_task.outputs["run_id"],
+            version=register_task.outputs["version"],
+            aliases=register_task.outputs["aliases"],
+            decision=register_task.outputs["decision"],
+            reason=register_task.outputs["reason"],
+            model_uri=register_task.outputs["model_uri"],
+            url=deploy_task.outputs["url"],
+            deployment=deploy_task.outputs["details"],
         )
 
     return top_tagging

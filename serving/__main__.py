@@ -16,7 +16,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from components.cli import positive_int
+from serving.backends import BACKENDS
+from toptagger.cli import positive_int
+from toptagger.constants import CHAMPION_URI, GRPC_PORT, HTTP_PORT
 
 SERVING_LOGGERS = ("serving",)
 
@@ -35,22 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-uri",
         default=_env("MODEL_URI", "/mnt/models"),
-        help="model folder, s3://bucket/prefix, or models:/top-tagger@champion (env MODEL_URI)",
+        help=f"model folder, s3://bucket/prefix, or {CHAMPION_URI} (env MODEL_URI)",
     )
     parser.add_argument(
         "--backend",
-        choices=("torch", "opencl"),
+        choices=list(BACKENDS),
         default=_env("BACKEND", "torch"),
         help="execution backend (env BACKEND)",
     )
     parser.add_argument(
         "--fallback",
-        choices=("torch",),
+        choices=list(BACKENDS),
         default=os.environ.get("FALLBACK") or None,
         help="backend to use when the chosen one has no usable device (env FALLBACK)",
     )
-    parser.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "8080")), help="REST port")
-    parser.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", "8081")), help="gRPC port (h2c)")
+    parser.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", str(HTTP_PORT))), help="REST port")
+    parser.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", str(GRPC_PORT))), help="gRPC port (h2c)")
     parser.add_argument(
         "--max-batch-size",
         type=positive_int,

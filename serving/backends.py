@@ -1,8 +1,13 @@
 """Execution backends of the predictor: torch on CPU/GPU, and the OpenCL engine (FPGA, GPU, CPU).
 
 A backend knows its input geometry and its image configuration, renders constituents with the
-training-time :class:`~components.images.ImageConfig`, and turns an image batch into class
+training-time :class:`~toptagger.images.ImageConfig`, and turns an image batch into class
 probabilities. The predictor and the batcher never look further than this interface.
+
+:data:`BACKENDS` maps each name to its class (as hls4ml's backend registry does): it is what
+``--backend`` accepts, and a new runtime is one class and one entry here. Module imports stay
+light (torch and pyopencl load with the backend that needs them), so ``python -m serving --help``
+stays instant.
 """
 
 from __future__ import annotations
@@ -10,22 +15,24 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from components.errors import ConfigError, TaggerError
-from components.images import ImageConfig
-from components.model_store import fetch_model_dir
+from toptagger.errors import ConfigError, TaggerError
+from toptagger.model_uri import fetch_model_dir
+
+if TYPE_CHECKING:
+    from toptagger.images import ImageConfig
 
 log = logging.getLogger("serving.backends")
-BACKENDS = ("torch", "opencl")
 OPENCL_PACKAGE = "opencl"  # the fpga_runtime export inside a model folder
 
 
 class Backend(ABC):
     """Runs the tagger on one device; ``predict`` is called from one thread at a time."""
 
-    kind: str  # one of BACKENDS: what actually serves, which a fallback can make differ from the request
+    kind: str  # its name in BACKENDS: what actually serves, which a fallback can make differ from the request
     description: str
     channels: int
     image_config: ImageConfig
@@ -56,7 +63,7 @@ class TorchBackend(Backend):
         import torch
         from torchvision.models.resnet import ResNet
 
-        from components.model import load_model
+        from toptagger.model import load_model
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if threads:
@@ -83,8 +90,8 @@ class OpenCLBackend(Backend):
     kind = "opencl"
 
     def __init__(self, model_dir: Path, device: str | None = None, precision: str = "fp32") -> None:
-        from components.model import read_config
         from fpga_runtime import Engine
+        from toptagger.model import read_config
 
         config = read_config(model_dir)
         package = model_dir / OPENCL_PACKAGE
@@ -105,21 +112,18 @@ class OpenCLBackend(Backend):
         return self.engine.predict(np.ascontiguousarray(images, dtype=np.float32))
 
 
+BACKENDS: dict[str, type[Backend]] = {"torch": TorchBackend, "opencl": OpenCLBackend}
+
+
 def load_backend(model_uri: str, backend: str = "torch", fallback: str | None = None) -> Backend:
     """Fetch the model at ``model_uri`` and build the named backend (or the fallback, if given)."""
     if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     model_dir = fetch_model_dir(model_uri)
     try:
-        return _build(backend, model_dir)
+        return BACKENDS[backend](model_dir)
     except TaggerError as exc:
         if not fallback or fallback == backend:
             raise
         log.warning("backend %s unavailable (%s); falling back to %s", backend, exc, fallback)
-        return _build(fallback, model_dir)
-
-
-def _build(backend: str, model_dir: Path) -> Backend:
-    if backend == "torch":
-        return TorchBackend(model_dir)
-    return OpenCLBackend(model_dir)
+        return BACKENDS[fallback](model_dir)

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from components.cli import positive_int, run_cli
-from components.errors import ConfigError, TaggerError
-
-MODEL = "top-tagger"
+from toptagger.cli import positive_int, run_cli
+from toptagger.constants import MODEL_NAME
+from toptagger.errors import ConfigError, TaggerError
+from toptagger.signature import PROBABILITIES
 
 
 class InferenceFailed(TaggerError):
@@ -111,7 +111,7 @@ class _RestTransport(_Transport):
                         "parameters": {"binary_data_size": len(data)},
                     }
                 ],
-                "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+                "outputs": [{"name": PROBABILITIES, "parameters": {"binary_data": True}}],
             }
         ).encode()
         try:
@@ -165,7 +165,7 @@ class TaggerClient:
         deadline_s: float = 30.0,
         retry: RetryPolicy | None = None,
         fallback: Callable[[str, np.ndarray], np.ndarray] | None = None,
-        model: str = MODEL,
+        model: str = MODEL_NAME,
     ) -> None:
         if url.startswith("grpc://"):
             self.transport: _Transport = _GrpcTransport(url.removeprefix("grpc://"), model)
@@ -233,7 +233,7 @@ def local_fallback(model_uri: str) -> Callable[[str, np.ndarray], np.ndarray]:
 async def score_file(
     url: str, jets: str, out: Path, batch_size: int, concurrency: int, fallback_uri: str | None
 ) -> int:
-    from components.jetdata import iter_jets
+    from toptagger.jets.dataset import iter_jets
 
     fallback = local_fallback(fallback_uri) if fallback_uri else None
     rows: list[tuple[int, int, float]] = []

@@ -1,13 +1,10 @@
-"""The served model's tensor contract, and the checks every request goes through.
+"""The checks every request goes through, against the served tensors of :mod:`toptagger.signature`.
 
-Inputs (one per request, FP32):
-- ``images``: ``[N, C, S, S]`` jet images at the model's size; C is the model's channel count (3
-  for the paper's ResNet-50, whose CMSSW producer sends three copies), and one channel is accepted
-  too, since the network expands it itself;
-- ``constituents``: ``[N, 200, 4]`` (E, px, py, pz) four-vectors; the server renders them with the
-  same :func:`components.images.jet_images` configuration as training. This moves 3.2 kB per jet
-  instead of 602 kB for a 224x224x3 image.
-
+Inputs (one per request, FP32): ``images`` ``[N, C, S, S]`` at the model's size, where C is the
+model's channel count (3 for the paper's ResNet-50, whose CMSSW producer sends three copies) and
+one channel is accepted too, since the network expands it itself; or ``constituents``
+``[N, 200, 4]``, which the server renders with the same :func:`toptagger.images.jet_images`
+configuration as training (3.2 kB per jet instead of 602 kB for a 224x224x3 image).
 Output: ``probabilities``, FP32 ``[N, 2]``, columns (qcd, top).
 
 Every violation raises :class:`kserve.errors.InvalidInput`, which KServe answers with HTTP 400 and
@@ -27,22 +24,9 @@ from kserve.errors import InvalidInput
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.infer_type import InferRequest
 
-from components.jetdata import N_CONSTITUENTS
+from toptagger.signature import CONSTITUENTS, DATATYPE, IMAGES, Signature, TensorSpec
 
-MODEL_NAME = "top-tagger"
-IMAGES, CONSTITUENTS, PROBABILITIES = "images", "constituents", "probabilities"
-CLASSES = ("qcd", "top")
-DATATYPE = "FP32"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dims: tuple[int, ...]  # without the batch dimension; -1 = any size
-
-    def as_v2(self) -> dict:
-        return {"name": self.name, "datatype": DATATYPE, "shape": [-1, *self.dims]}
 
 
 @dataclass(frozen=True)
@@ -53,16 +37,17 @@ class Contract:
     image_size: int
     max_batch_size: int
 
+    @cached_property
+    def signature(self) -> Signature:
+        return Signature(self.channels, self.image_size)
+
     @property
     def inputs(self) -> tuple[TensorSpec, TensorSpec]:
-        return (
-            TensorSpec(IMAGES, (self.channels, self.image_size, self.image_size)),
-            TensorSpec(CONSTITUENTS, (N_CONSTITUENTS, 4)),
-        )
+        return self.signature.inputs
 
     @property
     def outputs(self) -> tuple[TensorSpec]:
-        return (TensorSpec(PROBABILITIES, (len(CLASSES),)),)
+        return self.signature.outputs
 
     def parse(self, request: InferRequest) -> tuple[str, np.ndarray]:
         """Validate a decoded v2 request (REST, through KServe); return the input's name and array."""

@@ -32,9 +32,9 @@ from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.servicer import InferenceServicer
 
 from serving import metrics
-from serving.contract import DATATYPE, PROBABILITIES
 from serving.errors import ServerOverloaded
-from serving.triton import VERSION
+from toptagger.constants import MODEL_VERSION
+from toptagger.signature import DATATYPE, PROBABILITIES
 
 if TYPE_CHECKING:
     from serving.predictor import TopTagger
@@ -82,8 +82,8 @@ class TaggerServicer(InferenceServicer):
         if request.model_name != model.name:
             message = f"unknown model '{request.model_name}'; serving '{model.name}'"
             raise RequestRefused(grpc.StatusCode.NOT_FOUND, message)
-        if request.model_version not in ("", VERSION):
-            message = f"unknown version '{request.model_version}' of '{model.name}'; serving '{VERSION}'"
+        if request.model_version not in ("", MODEL_VERSION):
+            message = f"unknown version '{request.model_version}' of '{model.name}'; serving '{MODEL_VERSION}'"
             raise RequestRefused(grpc.StatusCode.NOT_FOUND, message)
         if not model.ready or model.contract is None:
             message = f"model '{model.name}' is not ready: {model.not_ready_reason}"
@@ -92,7 +92,7 @@ class TaggerServicer(InferenceServicer):
             if output.name != PROBABILITIES:
                 raise InvalidInput(f"unknown output '{output.name}'; the model returns '{PROBABILITIES}'")
         probabilities = await model.classify(*model.contract.parse_grpc(request))
-        response = pb.ModelInferResponse(model_name=model.name, model_version=VERSION, id=request.id)
+        response = pb.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
         response.outputs.add(name=PROBABILITIES, datatype=DATATYPE, shape=list(probabilities.shape))
         response.raw_output_contents.append(probabilities.tobytes())
         return response

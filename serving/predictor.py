@@ -22,12 +22,14 @@ from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from components.errors import TaggerError
 from serving import metrics
 from serving.backends import Backend, load_backend
 from serving.batching import DynamicBatcher, QueueFull
-from serving.contract import CONSTITUENTS, DATATYPE, IMAGES, MODEL_NAME, PROBABILITIES, Contract
+from serving.contract import Contract
 from serving.errors import ServerOverloaded
+from toptagger.constants import MODEL_NAME
+from toptagger.errors import TaggerError
+from toptagger.signature import CONSTITUENTS, DATATYPE, IMAGES, PROBABILITIES
 
 log = logging.getLogger("serving.predictor")
 

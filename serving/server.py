@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -29,7 +28,6 @@ from kserve import ModelServer
 from kserve.errors import InvalidInput
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.server import GRPCServer
 from starlette.exceptions import HTTPException
 
 from serving import metrics, triton
@@ -187,24 +185,34 @@ class TaggerDataPlane(DataPlane):
 
 
 # --- gRPC ---------------------------------------------------------------------------------------
-class TaggerGRPCServer(GRPCServer):
-    """KServe's gRPC server plus Triton's ModelConfig/ModelStatistics on the same service."""
+class TaggerGRPCServer:
+    """The gRPC side: KServe's v2 servicer with our ``ModelInfer``, plus Triton's extensions.
 
-    def __init__(self, *args: Any, model: TopTagger, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.model = model
+    Not a subclass of KServe's ``GRPCServer``: its ``start()`` (kserve 0.21) creates its own
+    ``InferenceServicer`` and interceptors inside the method, with no hook to pass others, and
+    we need a different servicer (:class:`~serving.grpc_infer.TaggerServicer`), no per-call
+    ``LoggingInterceptor``, and a second handler for the Triton methods. So this is a plain
+    ``grpc.aio`` server built from KServe's parts (servicer, interceptor, generated stubs), with
+    the same ``start(max_workers)`` / ``stop(sig)`` that ``ModelServer`` calls.
+    ``tests/serving/test_kserve_upstream.py`` fails when upstream's ``GRPCServer.start`` changes.
+    """
+
+    def __init__(self, port: int, data_plane: Any, model_repository_extension: Any, model: TopTagger,
+                 options: dict[str, Any], grace_period: int = 30) -> None:  # fmt: skip
+        self._port, self._data_plane, self._extension = port, data_plane, model_repository_extension
+        self.model, self._options, self._grace_period = model, options, grace_period
+        self._server: aio.Server | None = None
 
     async def start(self, max_workers: int) -> None:
-        options = [
-            ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-            ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
-        ]
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=(KServeErrorsInterceptor(),),
-            options=options,
+            options=[
+                ("grpc.max_send_message_length", self._options.get("grpc_max_send_message_length")),
+                ("grpc.max_receive_message_length", self._options.get("grpc_max_receive_message_length")),
+            ],
         )
-        servicer = TaggerServicer(self._data_plane, self._model_repository_extension, self.model)
+        servicer = TaggerServicer(self._data_plane, self._extension, self.model)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         # A second generic handler for the same service: gRPC asks KServe's first, and falls back
         # to this one for the methods KServe does not define.
@@ -214,13 +222,30 @@ class TaggerGRPCServer(GRPCServer):
         await self._server.start()
         await self._server.wait_for_termination()
 
+    async def stop(self, sig: int | None = None) -> None:
+        if self._server:
+            await self._server.stop(grace=self._grace_period)
+
 
 class TaggerModelServer(ModelServer):
-    """ModelServer that serves one :class:`TopTagger`, ready or not."""
+    """KServe's ModelServer serving one :class:`TopTagger`, ready or not, with our gRPC server.
+
+    ``start()`` is upstream's, with two things arranged before it runs (no copy of it here):
+
+    - the model is registered with the public ``register_model`` and upstream gets an empty model
+      list: upstream registers only models that are ready and raises ``NoModelReady`` otherwise,
+      but a model that cannot load must leave the server up, not ready, saying why;
+    - upstream's gRPC server is switched off (``enable_grpc=False``) and ours is appended to
+      ``self.servers``, the coroutines upstream's ``start()`` gathers; upstream's ``stop()``
+      stops it through ``self._grpc_server``.
+
+    Both rely on upstream behaviour that ``tests/serving/test_kserve_upstream.py`` pins.
+    """
 
     def __init__(self, model: TopTagger, max_body: int = DEFAULT_MAX_BODY, **kwargs: Any) -> None:
         kwargs.setdefault("enable_latency_logging", False)  # one INFO line per request costs throughput
-        super().__init__(**kwargs)
+        self.serve_grpc = kwargs.pop("enable_grpc", True)
+        super().__init__(enable_grpc=False, **kwargs)
         self.dataplane = TaggerDataPlane(model_registry=self.registered_models)
         self.model = model
         self.max_body = max_body
@@ -231,36 +256,21 @@ class TaggerModelServer(ModelServer):
 
     def start(self, models: list[Any] | None = None) -> None:  # type: ignore[override]
         from kserve.model_server import app
-        from kserve.protocol.rest.server import RESTServer
+        from kserve.model_server import args as kserve_args
 
         model = self.model
         self.register_model(model)  # registered even when not ready: readiness says why
         model.enable_latency_logging = self.enable_latency_logging
+        # Before upstream's RESTServer adds KServe's routes, so that ours answer first.
         install_rest_extensions(app, model, self.max_body)
-        self._rest_server = RESTServer(
-            "kserve.model_server:app",
-            self.dataplane,
-            self.model_repository_extension,
-            self.http_port,
-            access_log_format=self.access_log_format,
-            workers=1,
-            grace_period=self.grace_period,
-            event_loop=self.event_loop,
-            timeout_keep_alive=self.timeout_keep_alive,
-        )
-        self.servers.append(self._rest_server.start())
-        if self.enable_grpc:
-            from kserve.model_server import args as kserve_args
-
+        if self.serve_grpc:
             self._grpc_server = TaggerGRPCServer(
                 self.grpc_port,
                 self.dataplane,
                 self.model_repository_extension,
-                kwargs=vars(kserve_args),
+                model,
+                options=vars(kserve_args),
                 grace_period=self.grace_period,
-                model=model,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
-        self.setup_event_loop()
-        self.register_signal_handler()
-        asyncio.run(self._serve())
+        super().start([])

@@ -14,13 +14,13 @@ import grpc
 
 from serving.batching import BatchStatistics
 from serving.triton_protos import extensions_pb2, model_config_pb2
+from toptagger.constants import MODEL_VERSION
 
 if TYPE_CHECKING:
     from serving.predictor import TopTagger
 
 SERVICE = "inference.GRPCInferenceService"
 PLATFORM = "kserve_top_tagger"
-VERSION = "1"
 
 
 def model_config(model: TopTagger) -> model_config_pb2.ModelConfig:
@@ -43,7 +43,7 @@ def model_config(model: TopTagger) -> model_config_pb2.ModelConfig:
 
 def model_statistics(model: TopTagger) -> extensions_pb2.ModelStatistics:
     duration = extensions_pb2.StatisticDuration
-    entry = extensions_pb2.ModelStatistics(name=model.name, version=VERSION)
+    entry = extensions_pb2.ModelStatistics(name=model.name, version=MODEL_VERSION)
     if not model.batchers:
         return entry
     stats = BatchStatistics.combined(b.stats for b in model.batchers.values())

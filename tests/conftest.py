@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from components.generate import generate_jets
-from components.jetdata import JetBatch, write_jets
+from toptagger.jets.dataset import JetBatch, write_jets
+from toptagger.jets.generator import generate_jets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,11 +25,27 @@ def small_jets() -> JetBatch:
 
 
 @pytest.fixture(scope="session")
+def tiny_jets() -> JetBatch:
+    """60 top + 60 QCD jets (a few seconds on one core), for the pipeline's steps."""
+    return generate_jets(60, 60, seed=5, workers=1)
+
+
+def _written(jets: JetBatch, folder: Path, name: str) -> Path:
+    path = folder / name
+    write_jets(path, jets)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_file(tiny_jets: JetBatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_jets`` written in the reference layout."""
+    return _written(tiny_jets, tmp_path_factory.mktemp("tiny"), "tiny.h5")
+
+
+@pytest.fixture(scope="session")
 def jets_file(small_jets: JetBatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``small_jets`` written in the reference layout."""
-    path = tmp_path_factory.mktemp("jets") / "small.h5"
-    write_jets(path, small_jets)
-    return path
+    return _written(small_jets, tmp_path_factory.mktemp("jets"), "small.h5")
 
 
 def free_port() -> int:
@@ -76,7 +92,7 @@ def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> s
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setattr("components.storage.DEFAULT_CACHE", tmp_path / "s3-cache")
+    monkeypatch.setattr("toptagger.storage.DEFAULT_CACHE", tmp_path / "s3-cache")
     bucket = f"test-{os.getpid()}-{time.monotonic_ns()}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     return f"s3://{bucket}"

@@ -1,166 +1,40 @@
-"""Training: loss goes down, the split is seeded, checkpoint + resume equals an uninterrupted run."""
+"""The train component's CLI (python -m components.train) and step function."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+import os
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from components import train as train_module
-from components.cli import run_cli
-from components.errors import ConfigError, DataError
-from components.images import ImageConfig
-from components.jetdata import JetBatch
-from components.model import TaggerConfig, build_model, load_model
-from components.train import (
-    CHECKPOINT_FILE,
-    HISTORY_FILE,
-    MODEL_DIR,
-    JetImageLoader,
-    TrainConfig,
-    main,
-    split_indices,
-    train,
-    trim_padding,
-)
+from components.train import main
+from toptagger.cli import run_cli
+from toptagger.jets.compact import save_jets
+from toptagger.jets.dataset import JetBatch
+from toptagger.model import load_model
+from toptagger.training.trainer import HISTORY_FILE, MODEL_DIR
 
-TINY = TrainConfig(
-    image=ImageConfig(image_size=32, center="centroid", rotate=True, flip=True, normalize=True),
-    epochs=2,
-    batch_size=16,
-    max_steps_per_epoch=3,
-    patience=5,
-    seed=7,
-)
+REPO = Path(__file__).resolve().parents[2]
 
-
-def test_split_is_seeded_and_a_partition() -> None:
-    train_idx, val_idx, test_idx = split_indices(1000, seed=3, val_fraction=0.2, test_fraction=0.1)
-    assert (len(train_idx), len(val_idx), len(test_idx)) == (700, 200, 100)
-    np.testing.assert_array_equal(np.sort(np.concatenate([train_idx, val_idx, test_idx])), np.arange(1000))
-    again = split_indices(1000, seed=3, val_fraction=0.2, test_fraction=0.1)
-    assert all(np.array_equal(a, b) for a, b in zip(again, (train_idx, val_idx, test_idx), strict=True))
-    assert not np.array_equal(split_indices(1000, seed=4, val_fraction=0.2, test_fraction=0.1)[1], val_idx)
-    with pytest.raises(ConfigError, match="val_fraction"):
-        split_indices(100, seed=0, val_fraction=0.6, test_fraction=0.5)
-
-
-def test_loader_renders_compact_constituents(small_jets: JetBatch) -> None:
-    compact = trim_padding(small_jets.constituents)
-    assert compact.shape[1] < 200 and compact.flags.c_contiguous
-    loader = JetImageLoader(small_jets[:40], TINY.image, 16, seed=1, device=torch.device("cpu"))
-    batches = list(loader)
-    assert len(loader) == len(batches) == 3
-    images, labels = batches[0]
-    assert images.shape == (16, 1, 32, 32) and images.dtype == torch.float32
-    assert labels.dtype == torch.int64
-    np.testing.assert_allclose(images.sum(dim=(1, 2, 3)).numpy(), 1.0, rtol=1e-5)
-    # the order of an epoch is a function of (seed, epoch) only
-    loader.epoch = 1
-    first = [lab for _, lab in loader]
-    loader.epoch = 0
-    loader.epoch = 1
-    assert all(torch.equal(a, b) for a, b in zip(first, [lab for _, lab in loader], strict=True))
-
-
-def test_a_few_steps_reduce_the_loss(small_jets: JetBatch) -> None:
-    torch.manual_seed(0)
-    model = build_model(TaggerConfig(image=TINY.image)).train()
-    jets = small_jets[:64]
-    loader = JetImageLoader(jets, TINY.image, 32, seed=0, device=torch.device("cpu"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    images = TINY.image.render(torch.from_numpy(jets.constituents))
-    labels = torch.from_numpy(jets.labels)
-    with torch.no_grad():
-        before = float(loss_fn(model(images), labels))
-    for epoch in range(5):
-        loader.epoch = epoch
-        for batch, target in loader:
-            optimizer.zero_grad()
-            loss_fn(model(batch), target).backward()
-            optimizer.step()
-    with torch.no_grad():
-        after = float(loss_fn(model(images), labels))
-    assert after < 0.7 * before, (before, after)
-
-
-@pytest.mark.slow
-def test_checkpoint_and_resume_continue_training_exactly(
-    small_jets: JetBatch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    straight = train(TINY, small_jets, tmp_path / "straight", device="cpu", progress=False)
-    assert [h["epoch"] for h in straight["history"]] == [0, 1]
-    assert all(np.isfinite(h["train_loss"]) and 0 <= h["val_auc"] <= 1 for h in straight["history"])
-    for name in (CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR):
-        assert (tmp_path / "straight" / name).exists()
-
-    # crash during the second epoch's validation: the first epoch's checkpoint must survive
-    real_auc = train_module.validation_auc
-    calls = {"n": 0}
-
-    def crash_on_second(*args: object, **kwargs: object) -> float:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_auc(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(train_module, "validation_auc", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        train(TINY, small_jets, tmp_path / "resumed", device="cpu", progress=False)
-    monkeypatch.setattr(train_module, "validation_auc", real_auc)
-    state = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)
-    assert state["epoch"] == 0
-    assert not list((tmp_path / "resumed").glob("*.part"))
-
-    resumed = train(TINY, small_jets, tmp_path / "resumed", resume=True, device="cpu", progress=False)
-
-    def physics(history: list[dict]) -> list[dict]:
-        return [{k: v for k, v in h.items() if k != "jets_per_second"} for h in history]
-
-    # deterministic on CPU, and the resumed run is the uninterrupted one
-    assert physics(resumed["history"]) == physics(straight["history"])
-    a = load_model(tmp_path / "straight" / MODEL_DIR).state_dict()
-    b = load_model(tmp_path / "resumed" / MODEL_DIR).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-    with pytest.raises(ConfigError, match=r"different settings.*epochs"):
-        train(replace(TINY, epochs=3), small_jets, tmp_path / "resumed", resume=True, device="cpu", progress=False)
-
-
-def test_resume_without_checkpoint_and_bad_settings(small_jets: JetBatch, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no checkpoint"):
-        train(TINY, small_jets, tmp_path, resume=True, device="cpu", progress=False)
-    with pytest.raises(ConfigError, match="batch_size"):
-        replace(TINY, batch_size=0)
-    with pytest.raises(ConfigError, match="lr"):
-        replace(TINY, lr=-1.0)
-    one_class = small_jets[small_jets.labels == 1]
-    with pytest.raises(DataError, match="both top and QCD"):
-        train(TINY, one_class, tmp_path / "one", device="cpu", progress=False)
-
-
-def test_separate_validation_file_trains_on_all_of_data_and_guards_resume(
-    small_jets: JetBatch, jets_file: Path, tmp_path: Path
-) -> None:
-    from components.jetdata import write_jets
-
-    val_path = tmp_path / "val.h5"
-    write_jets(val_path, small_jets[::4])
-    config = replace(TINY, epochs=1, val_data=str(val_path))
-    summary = train(config, small_jets, tmp_path / "run", device="cpu", progress=False)
-    assert (summary["n_train"], summary["n_val"], summary["n_test"]) == (len(small_jets), len(small_jets[::4]), 0)
-    assert summary["config"]["val_data"] == str(val_path)
-    # resuming with another validation file would change what "best epoch" means
-    with pytest.raises(ConfigError, match="val_data"):
-        train(replace(config, val_data=str(jets_file)), small_jets, tmp_path / "run", resume=True, progress=False)
-    with pytest.raises(DataError, match=r"missing-val\.h5"):
-        train(replace(TINY, val_data=str(tmp_path / "missing-val.h5")), small_jets, tmp_path / "x", progress=False)
+TRAIN_SCRIPT = """
+import logging, sys
+from kfp import dsl
+from components.train import train_step
+from toptagger.training.config import TrainConfig
+fit, out, root = sys.argv[1:4]
+logging.basicConfig(level=logging.INFO)
+config = TrainConfig.from_pipeline(image_size=32, epochs=2, batch_size=16, learning_rate=1e-3, seed=0,
+    base_model_uri="", val_fraction=0.15, test_fraction=0.15, max_steps_per_epoch=3, patience=5)
+train_step(dsl.Dataset(uri=fit), dsl.Model(uri=out), dsl.Metrics(uri=out + "-metrics"), config, root, "pipeline-run-7")
+print("DONE")
+"""
 
 
 def test_cli_help_and_errors(jets_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -184,3 +58,37 @@ def test_cli_trains_and_writes_the_model(jets_file: Path, tmp_path: Path) -> Non
     summary = json.loads((tmp_path / "run" / HISTORY_FILE).read_text())
     assert summary["config"]["image"]["image_size"] == 32 and summary["config"]["in_channels"] == 1
     assert load_model(tmp_path / "run" / MODEL_DIR).config.in_channels == 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_training_resumes_from_its_checkpoint(tiny_jets: JetBatch, tmp_path: Path) -> None:
+    fit = tmp_path / "fit.npz"
+    save_jets(fit, tiny_jets[np.arange(100)])
+    root = tmp_path / "checkpoints"
+    checkpoint = root / "pipeline-run-7" / "checkpoint.pt"
+    command = [sys.executable, "-c", textwrap.dedent(TRAIN_SCRIPT), str(fit), str(tmp_path / "model"), str(root)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # First attempt: killed (as by a node failure) as soon as the first epoch's checkpoint exists.
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        while not checkpoint.exists() and first.poll() is None:
+            time.sleep(0.02)
+        first.kill()
+    finally:
+        first.wait()
+    assert first.returncode == -9, first.stdout.read().decode() if first.stdout else ""
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] == 0, "the first attempt was not stopped inside epoch 2"
+    # The retry: same pipeline run key, so it finds the checkpoint and runs epoch 2 only.
+    retry = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert "resuming from" in retry.stderr and "after epoch 0" in retry.stderr
+    history = json.loads((tmp_path / "model" / "training.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert history[0] == saved["history"][0]  # epoch 1 came from the checkpoint, not a rerun
+    assert not checkpoint.parent.exists()  # deleted once the outputs were written
+    model_dir = tmp_path / "model" / "model"
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tagger.json").is_file()
+    assert (model_dir / "opencl" / "plan.json").is_file()
+    state = torch.load(tmp_path / "model" / "state_dict.pt", weights_only=True)
+    assert "fc.weight" in state

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from components.errors import ConfigError
 from fpga_runtime import devices
 from fpga_runtime.engine import Engine
 from fpga_runtime.errors import NoDeviceError
+from toptagger.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

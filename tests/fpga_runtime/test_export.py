@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet50
 
-from components.errors import ConfigError
 from fpga_runtime import quantize
 from fpga_runtime.export import export_model, fold_bn
 from fpga_runtime.package import load_package
 from fpga_runtime.synthetic import randomize_bn
+from toptagger.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,7 +150,7 @@ def test_cli_help(module: str) -> None:
 
 
 def test_auc_and_rejection() -> None:
-    from fpga_runtime.accuracy import auc, background_rejection
+    from benchmarks.opencl_accuracy import auc, background_rejection
 
     labels = np.array([0, 0, 1, 1, 0, 1])
     assert auc(np.array([0.1, 0.2, 0.8, 0.9, 0.3, 0.7]), labels) == 1.0

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from components.errors import TaggerError
 from fpga_runtime import devices, probe, program
 from fpga_runtime.engine import Engine
 from fpga_runtime.errors import (
@@ -27,6 +26,7 @@ from fpga_runtime.export import export_model
 from fpga_runtime.package import load_package
 from fpga_runtime.synthetic import randomize_bn
 from tests.fpga_runtime.conftest import jet_images
+from toptagger.errors import TaggerError
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pipelines import compile as compile_module
-from pipelines import tasks, top_tagging
+from pipelines import top_tagging
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "manifests" / "pipelines" / "top_tagging.yaml"
@@ -121,7 +121,7 @@ def test_the_components_run_containerized_as_in_the_image(tmp_path: Path) -> Non
     """KFP's executor in containerized mode, in a folder laid out like the image's /app."""
     app = tmp_path / "app"
     app.mkdir()
-    for package in ("components", "pipelines"):
+    for package in ("components", "pipelines", "toptagger", "serving", "fpga_runtime"):
         (app / package).symlink_to(REPO / package)
     shutil.copyfile(compile_module.KFP_CONFIG, app / "kfp_config.ini")  # components/Dockerfile does this copy
     out = tmp_path / "out"
@@ -149,5 +149,5 @@ def test_every_kfp_config_entry_names_a_component_function() -> None:
     config = configparser.ConfigParser()
     config.optionxform = str
     config.read(compile_module.KFP_CONFIG)
-    assert dict(config["Components"]) == {step: "pipelines/tasks.py" for step in STEPS}
-    assert [s.__name__ for s in tasks.STEPS] == STEPS
+    assert dict(config["Components"]) == {step: f"components/{step}.py" for step in STEPS}
+    assert [s.__name__ for s in top_tagging.STEPS] == STEPS

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.errors import ConfigError
 from pipelines import compile as compile_module
 from pipelines.gpu_pool import GpuPool, Toleration
+from toptagger.errors import ConfigError
 
 
 def test_defaults_are_nvidias_and_parse_keeps_what_is_not_given() -> None:

@@ -105,8 +105,8 @@ def test_the_run_holds_params_metrics_tags_and_artifacts(two_runs: tuple, client
 def test_the_champion_loads_without_pickle(two_runs: tuple, client: Any, tmp_path: Path) -> None:
     import torch
 
-    from components.model import load_model
-    from components.model_store import fetch_model_dir
+    from toptagger.model import load_model
+    from toptagger.model_uri import fetch_model_dir
 
     folder = fetch_model_dir("models:/top-tagger@champion", cache=tmp_path / "cache")
     assert (folder / "tagger.json").is_file() and (folder / "opencl" / "plan.json").is_file()

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from components.images import ImageConfig
-from components.local_serving import LocalPredictor as Server
-from components.local_serving import start_local
-from components.model import TaggerConfig, build_model, save_model
+from serving.process import LocalPredictor as Server
+from serving.process import start_local
 from tests.conftest import free_port
+from toptagger.images import ImageConfig
+from toptagger.model import TaggerConfig, build_model, save_model
 
 IMAGE_SIZE = 32
 

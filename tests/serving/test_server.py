@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from components.jetdata import JetBatch
 from serving.backends import TorchBackend
 from serving.client import InferenceFailed, RetryPolicy, TaggerClient
 from tests.serving.conftest import IMAGE_SIZE, Server, start_server, stop_server
+from toptagger.jets.dataset import JetBatch
 
 HERE = Path(__file__).resolve().parent
 INFER = "/v2/models/top-tagger/infer"

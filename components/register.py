@@ -1,0 +1,127 @@
+"""The register step: one MLflow run per pipeline run, a registered version, the promotion gate.
+
+``register`` is the Kubeflow component; :func:`register_step` the plain function it runs.
+Nothing touches MLflow before this step, so a pipeline that fails earlier (a bad dataset URI, a
+training error) leaves the tracking store and the registry as they were. The step checks that
+the tracking store answers before it logs anything, and every call it makes is idempotent (see
+:mod:`toptagger.registry`), so a retried task neither duplicates the run's metrics nor creates
+a second version.
+"""
+
+# No `from __future__ import annotations`: KFP reads the component's annotations as objects.
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from kfp.dsl import Artifact, Dataset, Input, Model
+
+
+def register(
+    model: Input[Model],
+    evaluation: Input[Artifact],
+    fit_jets: Input[Dataset],
+    test_jets: Input[Dataset],
+    experiment: str,
+    model_name: str,
+    run_key: str,
+    pipeline_run_id: str,
+) -> NamedTuple(
+    "Registration",
+    [("run_id", str), ("version", str), ("aliases", str), ("decision", str), ("reason", str), ("model_uri", str)],
+):
+    """Log the run to MLflow, register a version (alias challenger), promote it to champion if it is as good."""
+    from components.step import step
+
+    with step("register"):
+        from components.register import register_step
+
+        r = register_step(model, evaluation, fit_jets, test_jets, experiment, model_name, run_key or pipeline_run_id)
+    return (r["run_id"], r["version"], ",".join(r["aliases"]), r["decision"], r["reason"], r["model_uri"])
+
+
+def _params(history: dict[str, Any], fit_jets: Any, test_jets: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for key, value in history["config"].items():
+        if isinstance(value, dict):
+            params.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            params[key] = "" if value is None else value
+    params["dataset.source"] = fit_jets.metadata.get("source", "")
+    params["dataset.fit_jets"] = int(fit_jets.metadata.get("n_jets", 0))
+    params["dataset.test_jets"] = int(test_jets.metadata.get("n_jets", 0))
+    params["dataset.split_seed"] = int(fit_jets.metadata.get("split_seed", 0))
+    return params
+
+
+def register_step(
+    model: Any, evaluation: Any, fit_jets: Any, test_jets: Any, experiment: str, model_name: str, pipeline_run_id: str
+) -> dict[str, Any]:
+    """Log everything to the run of ``pipeline_run_id``, register a version of ``model_name``, run the gate."""
+    from components.step import code_version, log
+    from components.train import STATE_DICT_FILE
+    from toptagger import model_uri, registry
+    from toptagger.errors import DataError
+    from toptagger.evaluation.evaluate import METRICS_FILE, flatten
+    from toptagger.model import read_config
+    from toptagger.signature import Signature
+    from toptagger.training.trainer import HISTORY_FILE, MODEL_DIR
+
+    uri = registry.check_tracking()
+    model_root = Path(model.path)
+    history = json.loads((model_root / HISTORY_FILE).read_text())
+    evaluated = json.loads((Path(evaluation.path) / METRICS_FILE).read_text())
+    metrics = flatten(evaluated)
+    if "test_auc" not in metrics:
+        raise DataError(f"{evaluation.path}/{METRICS_FILE} holds no network AUC")
+    dataset_hash = str(fit_jets.metadata.get("dataset_sha256", ""))
+    tagger = read_config(model_root / MODEL_DIR)
+    tags = {
+        "input_signature": json.dumps(Signature.of(tagger).to_dict() | {"image": tagger.image.to_dict()}),
+        "dataset_hash": dataset_hash,
+        "code_version": code_version(),
+        "dataset_source": str(fit_jets.metadata.get("source", "")),
+    }
+    run_id = registry.find_or_create_run(experiment, pipeline_run_id, run_name=f"top-tagging-{pipeline_run_id}")
+    best = int(history["best_epoch"])
+    metrics |= {"best_epoch": float(best), "best_val_auc": float(history["best_val_auc"])}
+    registry.log_run(
+        run_id,
+        params=_params(history, fit_jets, test_jets),
+        epoch_metrics=history["history"],
+        metrics=metrics,
+        tags=tags,
+        artifacts={
+            "model": model_root / MODEL_DIR,  # safetensors + tagger.json + opencl/: what the predictor loads
+            "state_dict": model_root / STATE_DICT_FILE,
+            "training": model_root / HISTORY_FILE,
+            "evaluation": Path(evaluation.path),
+        },
+    )
+    source = f"{registry.artifact_uri(run_id)}/model"
+    version_tags = {
+        registry.PIPELINE_RUN_TAG: pipeline_run_id,
+        "dataset_hash": dataset_hash,
+        "code_version": tags["code_version"],
+    }
+    version = registry.register_version(model_name, run_id, source, metrics["test_auc"], version_tags)
+    decision = registry.promote(model_name, version, metrics["test_auc"])
+    registry.finish_run(run_id)
+    result = {
+        "tracking_uri": uri,
+        "run_id": run_id,
+        "version": version,
+        "aliases": registry.aliases(model_name, version),
+        "decision": decision.decision,
+        "reason": decision.reason,
+        "model_uri": model_uri.resolve(model_uri.version_uri(model_name, version)),
+        "artifact_uri": registry.artifact_uri(run_id),
+    }
+    log.info(
+        "registered %s version %s %s: %s (%s)",
+        model_name,
+        version,
+        result["aliases"],
+        decision.decision,
+        decision.reason,
+    )
+    return result

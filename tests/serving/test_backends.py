@@ -1,0 +1,100 @@
+"""``python -m serving --backend opencl``: the OpenCL engine (PoCL here) behind the same predictor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from serving.backends import OPENCL_PACKAGE, TorchBackend
+from serving.client import TaggerClient
+from serving.triton_protos import extensions_pb2
+from tests.serving.conftest import IMAGE_SIZE, start_server, stop_server
+from toptagger.jets.dataset import JetBatch
+from toptagger.model import load_model
+
+
+@pytest.fixture(scope="module")
+def opencl_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test tagger plus its fp32 OpenCL package, laid out as a registered model version."""
+    from fpga_runtime import export_model
+
+    folder = tmp_path_factory.mktemp("opencl-model") / "tagger"
+    shutil.copytree(model_dir, folder)
+    export_model(load_model(folder), folder / OPENCL_PACKAGE, ["fp32"], image_size=IMAGE_SIZE)
+    return folder
+
+
+def test_opencl_backend_serves_what_torch_computes(
+    opencl_model_dir: Path, tmp_path: Path, small_jets: JetBatch
+) -> None:
+    reference = TorchBackend(opencl_model_dir, threads=1)
+    jets = small_jets.constituents[:5]
+    expected = reference.predict(reference.render(jets))
+    server = start_server(opencl_model_dir, "--backend", "opencl")
+    try:
+        model = httpx.get(f"{server.url}/v2/models/top-tagger").json()
+        assert model["inputs"][0]["shape"] == [-1, 3, IMAGE_SIZE, IMAGE_SIZE]
+
+        async def ask() -> np.ndarray:
+            async with TaggerClient(server.grpc_url) as client:
+                return await client.infer(constituents=jets)
+
+        np.testing.assert_allclose(asyncio.run(ask()), expected, rtol=1e-4, atol=1e-5)
+        assert "opencl" in server.log_text()
+    finally:
+        stop_server(server)
+
+
+def not_ready_reason(model_dir: Path, *args: str) -> str:
+    """Start the server, check that it is up but not ready (503), return the readiness reason."""
+    server = start_server(model_dir, *args, wait_ready=False)
+    try:
+        ready = httpx.get(f"{server.url}/v2/health/ready")
+        assert ready.status_code == 503, ready.text
+        return ready.json()["reason"]
+    finally:
+        stop_server(server)
+
+
+def test_no_opencl_device_means_not_ready_unless_a_fallback_is_given(
+    opencl_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOPTAGGER_OPENCL_DEVICE", "no-such-fpga-board")
+    assert "no-such-fpga-board" in not_ready_reason(opencl_model_dir, "--backend", "opencl")
+
+    server = start_server(opencl_model_dir, "--backend", "opencl", "--fallback", "torch")
+    try:
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+        assert "falling back to torch" in server.log_text()
+        # Triton's ModelConfig names the backend that serves, not the one asked for
+        with grpc.insecure_channel(server.grpc_url.removeprefix("grpc://")) as channel:
+            model_config = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelConfig",
+                request_serializer=extensions_pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=extensions_pb2.ModelConfigResponse.FromString,
+            )
+            assert (
+                model_config(extensions_pb2.ModelConfigRequest(name="top-tagger"), timeout=10).config.backend == "torch"
+            )
+    finally:
+        stop_server(server)
+    assert os.environ["TOPTAGGER_OPENCL_DEVICE"] == "no-such-fpga-board"
+
+
+def test_required_accelerator_missing_means_not_ready(opencl_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FPGA overlay's setting: on a node without a visible FPGA, do not serve from PoCL's CPU."""
+    monkeypatch.setenv("TOPTAGGER_OPENCL_DEVICE_TYPE", "ACCELERATOR")
+    reason = not_ready_reason(opencl_model_dir, "--backend", "opencl")
+    assert "no OpenCL ACCELERATOR device" in reason
+    assert "(CPU)" in reason, "the reason lists what the node does have"
+
+
+def test_model_without_opencl_package_is_not_ready_with_the_reason(model_dir: Path, tmp_path: Path) -> None:
+    assert "no OpenCL package" in not_ready_reason(model_dir, "--backend", "opencl")

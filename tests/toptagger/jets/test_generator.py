@@ -1,0 +1,115 @@
+"""Pythia8 + FastJet generation: the reference selection, reproducibility and argument checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toptagger.errors import ConfigError
+from toptagger.jets import kinematics as kin
+from toptagger.jets.dataset import JetBatch
+from toptagger.jets.generator import SIGNAL, JetFactory, Recipe, generate_jets, plan_blocks
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_selection_window(small_jets: JetBatch) -> None:
+    jets = kin.jet_four_momentum(small_jets.constituents)
+    pt, eta = kin.pt(jets), kin.eta(jets)
+    # The clustering axis is the E-scheme sum of all constituents; only the leading 200 are kept,
+    # so the stored sum may fall short by the softest particles of very busy jets.
+    n = (small_jets.constituents[..., 0] > 0).sum(axis=1)
+    full = n < 200
+    assert ((pt[full] > 550 - 1e-3) & (pt[full] < 650 + 1e-3)).all()
+    assert (np.abs(eta) < 2.0 + 1e-4).all()
+    assert set(np.unique(small_jets.labels)) == {0, 1}
+    assert small_jets.labels.sum() == 200
+
+
+def test_constituents_are_pt_ordered_and_zero_padded(small_jets: JetBatch) -> None:
+    c = small_jets.constituents
+    pt = kin.pt(c)
+    assert (np.diff(pt, axis=1) <= 1e-4).all(), "constituents must be in decreasing pT"
+    real = c[..., 0] > 0
+    n = real.sum(axis=1)
+    assert (n >= 2).all()
+    # padding: every row after the last real constituent is exactly zero
+    after = np.arange(200)[None, :] >= n[:, None]
+    assert (c[after] == 0).all()
+    assert not (c[~after] == 0).all(axis=-1).any()
+
+
+def test_signal_is_truth_matched_and_background_has_no_truth(small_jets: JetBatch) -> None:
+    top = small_jets.labels == 1
+    truth = small_jets.truth
+    assert (truth[~top] == 0).all()
+    jets = kin.jet_four_momentum(small_jets.constituents[top])
+    dr = kin.delta_r(kin.eta(truth[top]), kin.phi(truth[top]), kin.eta(jets), kin.phi(jets))
+    assert (dr < 0.8).all()
+    top_mass = kin.mass(truth[top].astype(np.float64))
+    # truth four-vectors are top quarks: Breit-Wigner around Pythia's 172.5 GeV (wide tails allowed)
+    assert abs(np.median(top_mass) - 172.5) < 3
+    assert np.mean(np.abs(top_mass - 172.5) < 15) > 0.9
+    # physics sanity: jet mass separates the classes (top ~175 GeV, QCD much lower)
+    mass = kin.mass(kin.jet_four_momentum(small_jets.constituents))
+    assert np.median(mass[top]) > 150 > np.median(mass[~top])
+
+
+def test_same_seed_same_jets_whatever_the_worker_count() -> None:
+    one = generate_jets(60, 60, seed=7, workers=1)
+    two = generate_jets(60, 60, seed=7, workers=2)
+    np.testing.assert_array_equal(one.constituents, two.constituents)
+    np.testing.assert_array_equal(one.labels, two.labels)
+    other = generate_jets(60, 60, seed=8, workers=2)
+    assert not np.array_equal(one.constituents, other.constituents)
+
+
+def test_blocks_have_distinct_seeds() -> None:
+    blocks = plan_blocks(SIGNAL, 1000, seed=3)
+    assert sum(b.n_jets for b in blocks) == 1000
+    assert len({b.seed for b in blocks}) == len(blocks)
+
+
+def test_fjcore_clustering_matches_standalone_fastjet() -> None:
+    """Our in-Pythia anti-kT (fjcore) gives the same jets as the fastjet package on the same events."""
+    import fastjet
+
+    factory = JetFactory(SIGNAL, Recipe())
+    factory.pythia.rndm.init(4242)
+    definition = fastjet.JetDefinition(fastjet.antikt_algorithm, 0.8)
+    compared = 0
+    for _ in range(5):
+        assert factory.pythia.next()
+        event = factory.pythia.event
+        particles = [
+            fastjet.PseudoJet(p.px(), p.py(), p.pz(), p.e())
+            for p in (event[i] for i in range(event.size()))
+            if p.isFinal() and p.isVisible()
+        ]
+        sequence = fastjet.ClusterSequence(particles, definition)  # jets need it alive
+        reference = sequence.inclusive_jets(550.0)
+        ours = factory.clustering
+        ours.analyze(event)
+        assert ours.sizeJet() == len(reference)
+        for j, ref in enumerate(sorted(reference, key=lambda jet: -jet.pt())):
+            assert ours.pT(j) == pytest.approx(ref.pt(), rel=1e-9)
+            assert ours.p(j).e() == pytest.approx(ref.e(), rel=1e-9)
+            assert len(ours.constituents(j)) == len(ref.constituents())
+            compared += 1
+    assert compared > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_signal": 0, "n_background": 5}, "signal jets must be a whole number >= 1"),
+        ({"n_signal": 5, "n_background": -2}, "background jets must be a whole number >= 1"),
+        ({"n_signal": 5, "n_background": 5, "workers": -1}, "workers must be >= 1"),
+        ({"n_signal": 5, "n_background": 5, "seed": -1}, "seed must be in"),
+    ],
+)
+def test_impossible_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        generate_jets(**kwargs)

@@ -1,0 +1,127 @@
+"""Model URIs: the one place that turns a URI into a location (:func:`resolve`) or local files (:func:`fetch`).
+
+Accepted forms:
+- a local folder, including ``/mnt/models`` as KServe's storage initializer lays it out;
+- ``s3://bucket/prefix`` (MinIO in Kubeflow), downloaded with :mod:`toptagger.storage`;
+- ``models:/name@alias``, ``models:/name/version`` and ``runs:/<run>/path`` through MLflow, which
+  reads ``MLFLOW_TRACKING_URI`` from the environment.
+
+A registered version (``models:/``) resolves to where its files are (:func:`resolve`: the
+``s3://`` URI KServe's storage initializer downloads, or a local folder with the embedded store),
+and is fetched from there. Downloads go to a cache folder keyed by the URI, so a restarted server
+does not fetch again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from toptagger import storage
+from toptagger.errors import ConfigError, StorageError
+
+REGISTRY_SCHEME = "models:/"
+MLFLOW_SCHEMES = (REGISTRY_SCHEME, "runs:/", "mlflow-artifacts:/")
+CACHE = Path(os.environ.get("TOPTAGGER_MODEL_CACHE", Path.home() / ".cache" / "top-tagger" / "models"))
+
+
+def is_mlflow_uri(uri: str) -> bool:
+    return uri.startswith(MLFLOW_SCHEMES)
+
+
+def version_uri(name: str, version: str) -> str:
+    return f"{REGISTRY_SCHEME}{name}/{version}"
+
+
+def resolve(uri: str) -> str:
+    """A ``models:/name/version`` or ``models:/name@alias`` becomes the version's artifact URI.
+
+    The MLflow tracking server (``MLFLOW_TRACKING_URI``) knows where the files of a registered
+    version really are; with S3 artifacts that is the ``s3://`` URI KServe downloads. Any other
+    URI is returned as it is.
+    """
+    if not uri.startswith(REGISTRY_SCHEME):
+        return uri
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    ref = uri[len(REGISTRY_SCHEME) :]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            name, _, version = ref.partition("/")
+            if not version:
+                raise ConfigError(f"{uri}: name a version or an alias (models:/NAME/VERSION or models:/NAME@ALIAS)")
+        return str(client.get_model_version_download_uri(name, version))
+    except MlflowException as exc:
+        raise ConfigError(f"{uri}: {exc.message}") from None
+
+
+def fetch(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
+    """A local file or folder holding what ``uri`` names; raises :class:`StorageError` naming the URI.
+
+    An ``s3://`` URI names one object when an object has exactly that key, and a prefix (a
+    folder) otherwise.
+    """
+    uri = str(uri)
+    if not uri:
+        raise StorageError("empty model URI")
+    if not (storage.is_s3(uri) or is_mlflow_uri(uri)):
+        path = Path(uri.removeprefix("file://"))
+        if not path.exists():
+            raise StorageError(f"{uri}: no such file or folder")
+        return path
+    if storage.is_s3(uri):
+        single = storage.cached_object(uri)  # cached by ETag, so never stale
+        if single is not None:
+            return single
+    target = (cache or CACHE) / hashlib.sha256(f"{storage.endpoint_url()}|{uri}".encode()).hexdigest()[:20]
+    # A fixed MLflow version never changes; an alias (models:/name@alias) may move and an S3
+    # prefix may be overwritten, so those are fetched again.
+    if target.exists() and is_mlflow_uri(uri) and "@" not in uri:
+        return _content(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        if is_mlflow_uri(uri):
+            _download_mlflow(uri, staging)
+        else:
+            storage.download_dir(uri, staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)  # appears whole or not at all
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _content(target)
+
+
+def _content(folder: Path) -> Path:
+    """A cached download: the single file it holds, or the folder itself."""
+    entries = list(folder.iterdir())
+    return entries[0] if len(entries) == 1 and entries[0].is_file() else folder
+
+
+def fetch_model_dir(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
+    """A local folder holding the model at ``uri`` (a saved tagger, optionally with its OpenCL package)."""
+    path = fetch(uri, cache)
+    if not path.is_dir():
+        raise StorageError(f"{uri}: a model URI names a folder, not a file")
+    return path
+
+
+def _download_mlflow(uri: str, dest: Path) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
+    except MlflowException as exc:
+        raise StorageError(f"{uri}: cannot resolve in MLflow at {mlflow.get_tracking_uri()} ({exc.message})") from None
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot download the model's artifacts ({exc})") from None
