@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import machine, publish
 from toptagger.cli import positive_int, run_cli
 from toptagger.jets.dataset import DEFAULT_CHUNK, JetBatch, iter_jets, write_jets
 from toptagger.jets.generator import BACKGROUND, SIGNAL, JetFactory, Recipe, generate_jets
@@ -163,13 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     table = markdown(run(args.jets, args.read_jets, args.workers, args.chunk_size, args.naive_jets))
-    print(table)
-    if args.markdown:
-        header = (
-            f"Measured with `python -m benchmarks.data` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.\n\n"
-        )
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(header + table + "\n")
+    header = f"Measured with `python -m benchmarks.data` on {machine()}, {time.strftime('%Y-%m-%d')}.\n\n"
+    publish(header + table + "\n", args.markdown)
     return 0
 
 

@@ -11,7 +11,6 @@ unchanged on any OpenCL device (pin one with --device or $TOPTAGGER_OPENCL_DEVIC
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import machine, publish
 from fpga_runtime import synthetic
 from fpga_runtime.engine import Engine, LayerTime
 from fpga_runtime.export import export_model, load_torch_model
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out += [
         f"### Run: {time.strftime('%Y-%m-%d %H:%M')}, {fp32.info.label()} ({fp32.info.kind}), "
         f"torch {torch.__version__} on {args.torch_device} ({torch.get_num_threads()} threads), "
-        f"{platform.processor() or platform.machine()}",
+        f"{machine()}",
         "",
         f"Image {channels}x{s}x{s}, tiles {fp32.tiles}, build options `{fp32.options}`.",
         "",
@@ -160,10 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         x = synthetic.jet_images(b, s, channels, seed=4)
         fp32.profile(x)  # warm
         out += ["", profile_table(fp32.profile(x), b)]
-    report = "\n".join(out) + "\n"
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report)
+    publish("\n".join(out) + "\n", args.out)
     return 0
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torchvision.models.resnet import ResNet
 
+from benchmarks.common import publish
 from fpga_runtime.devices import select_device
 from fpga_runtime.engine import Engine
 from fpga_runtime.export import export_model
@@ -153,10 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.append(f"| {name} | {a:.4f} | {a - base:+.4f} | {rej:.1f} | {mb} | {ok} | {seconds:.1f} |")
     if skipped:
         out += ["", f"Skipped {skipped}: {info.label()} lacks cl_khr_fp16 (--fp16-emulation runs it anyway)."]
-    report = "\n".join(out) + "\n"
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report)
+    publish("\n".join(out) + "\n", args.out)
     return 0
 
 

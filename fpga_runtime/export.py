@@ -75,24 +75,26 @@ class _PlanBuilder:
         self._count += 1
         return f"t{self._count}"
 
+    def layer(self, name: str, op: str, src: str, **attributes: Any) -> str:
+        """Append a layer reading ``src`` into a new tensor; returns that tensor's name."""
+        out = self.tensor()
+        self.layers.append({"name": name, "op": op, "input": src, "output": out, **attributes})
+        return out
+
     def conv(self, name: str, conv: Any, bn: Any, src: str, relu: bool, residual: str | None = None) -> str:
         conv, bn = _check_conv(name, conv), _check_bn(f"{name} (batch-norm)", bn)
         w, b = fold_bn(conv, bn)
-        out = self.tensor()
-        self.layers.append(
-            {
-                "name": name,
-                "op": "conv",
-                "input": src,
-                "output": out,
-                "cin": conv.in_channels,
-                "cout": conv.out_channels,
-                "kernel": list(conv.kernel_size),
-                "stride": conv.stride[0],
-                "padding": conv.padding[0],
-                "relu": relu,
-                "residual": residual,
-            }
+        out = self.layer(
+            name,
+            "conv",
+            src,
+            cin=conv.in_channels,
+            cout=conv.out_channels,
+            kernel=list(conv.kernel_size),
+            stride=conv.stride[0],
+            padding=conv.padding[0],
+            relu=relu,
+            residual=residual,
         )
         self.tensors[f"{name}.weight"] = w
         self.tensors[f"{name}.bias"] = b
@@ -137,41 +139,18 @@ def build_plan(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, np.nda
     mp = model.maxpool
     if not isinstance(mp, nn.MaxPool2d) or mp.dilation != 1 or mp.ceil_mode:
         raise UnsupportedLayerError(f"maxpool is {mp}; expected MaxPool2d without dilation or ceil_mode")
-    out = pb.tensor()
-    pb.layers.append(
-        {
-            "name": "maxpool",
-            "op": "maxpool",
-            "input": x,
-            "output": out,
-            "kernel": int(mp.kernel_size),
-            "stride": int(mp.stride),
-            "padding": int(mp.padding),
-        }
-    )
-    x = out
+    x = pb.layer("maxpool", "maxpool", x, kernel=int(mp.kernel_size), stride=int(mp.stride), padding=int(mp.padding))
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for i, block in enumerate(getattr(model, stage)):
             x = _block(pb, f"{stage}.{i}", block, x)
     ap = model.avgpool
     if not isinstance(ap, nn.AdaptiveAvgPool2d) or ap.output_size not in ((1, 1), 1):
         raise UnsupportedLayerError(f"avgpool is {ap}; expected AdaptiveAvgPool2d((1, 1))")
-    out = pb.tensor()
-    pb.layers.append({"name": "avgpool", "op": "global_avgpool", "input": x, "output": out})
+    out = pb.layer("avgpool", "global_avgpool", x)
     fc = model.fc
     if not isinstance(fc, nn.Linear):
         raise UnsupportedLayerError(f"fc is {type(fc).__name__}, expected Linear")
-    logits = pb.tensor()
-    pb.layers.append(
-        {
-            "name": "fc",
-            "op": "linear",
-            "input": out,
-            "output": logits,
-            "in_features": fc.in_features,
-            "out_features": fc.out_features,
-        }
-    )
+    pb.layer("fc", "linear", out, in_features=fc.in_features, out_features=fc.out_features)
     pb.tensors["fc.weight"] = fc.weight.detach().float().numpy().copy()
     bias = fc.bias.detach().float().numpy() if fc.bias is not None else np.zeros(fc.out_features, np.float32)
     pb.tensors["fc.bias"] = bias.copy()

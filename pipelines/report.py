@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from toptagger.evaluation.report import format_metric
+
 
 class ExecutorDumpFilter(io.TextIOBase):
     """Passes task output through, minus KFP's multi-line executor input JSON dumps (``--verbose`` keeps them)."""
@@ -38,39 +40,41 @@ def events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _fmt(value: Any, error: Any = None, digits: int = 4) -> str:
-    if value is None:
-        return "∞ (no background left)"
-    text = f"{value:.{digits}g}"
-    return f"{text} ± {error:.2g}" if error is not None else text
+def _beside(ev: dict[str, Any], metric: str, digits: int = 4) -> str:
+    """The network's test ``metric`` beside the mass window's, each with its bootstrap error."""
+    network = format_metric(ev.get(f"test_{metric}"), ev.get(f"test_{metric}_error"), digits)
+    window = format_metric(ev.get(f"mass_window_{metric}"), ev.get(f"mass_window_{metric}_error"), digits)
+    return f"network {network}   mass window {window}"
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    ev, tr = summary["evaluation"], summary["training"]
-    net = (ev.get("test_auc"), ev.get("test_auc_error"))
-    base = (ev.get("mass_window_auc"), ev.get("mass_window_auc_error"))
-    rej_net = (ev.get("test_rejection_0.3"), ev.get("test_rejection_0.3_error"))
-    rej_base = (ev.get("mass_window_rejection_0.3"), ev.get("mass_window_rejection_0.3_error"))
-    data = summary["data"]
-    rows = [
-        ("dataset", f"{data['n_jets']} jets ({data['n_fit']} train + validation, {data['n_test']} test); "
-                    f"{data['source']}"),
-        ("training", f"{int(tr.get('epochs_run', 0))} epochs on {int(tr.get('train_jets', 0))} jets, "
-                     f"best validation AUC {_fmt(tr.get('best_val_auc'))}"),
-        ("test AUC", f"network {_fmt(*net)}   mass window {_fmt(*base)}"),
-        ("1/εB at εS = 0.3", f"network {_fmt(*rej_net, digits=3)}   mass window {_fmt(*rej_base, digits=3)}"),
+    ev, tr, data = summary["evaluation"], summary["training"], summary["data"]
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in summary["steps"].items())
+    overhead = f"{summary['overhead_seconds']:.0f} s ({100 * summary['overhead_fraction']:.1f}%)"
+    return [
+        (
+            "dataset",
+            f"{data['n_jets']} jets ({data['n_fit']} train + validation, {data['n_test']} test); {data['source']}",
+        ),
+        (
+            "training",
+            f"{int(tr.get('epochs_run', 0))} epochs on {int(tr.get('train_jets', 0))} jets, "
+            f"best validation AUC {format_metric(tr.get('best_val_auc'))}",
+        ),
+        ("test AUC", _beside(ev, "auc")),
+        ("1/εB at εS = 0.3", _beside(ev, "rejection_0.3", digits=3)),
         ("registered", f"{summary['model_name']} version {summary['version']}, aliases: {summary['aliases'] or '-'}"),
         ("promotion", f"{summary['decision']}: {summary['reason']}"),
         ("MLflow run", f"{summary['run_id']} in experiment {summary['experiment']} ({summary['tracking_uri']})"),
         ("model files", summary["model_uri"]),
         ("task outputs", summary["pipeline_root"]),
         ("served at", summary["url"] or "not served (--deploy none)"),
-        ("time", f"{summary['seconds']:.0f} s in all; steps {summary['steps_seconds']:.0f} s "
-                 f"({', '.join(f'{k} {v:.0f} s' for k, v in summary['steps'].items())}); "
-                 f"cached: {', '.join(summary['cached']) or 'none'}; "
-                 f"pipeline overhead {summary['overhead_seconds']:.0f} s ({100 * summary['overhead_fraction']:.1f}%)"),
-    ]  # fmt: skip
-    return rows
+        (
+            "time",
+            f"{summary['seconds']:.0f} s in all; steps {summary['steps_seconds']:.0f} s ({steps}); "
+            f"cached: {', '.join(summary['cached']) or 'none'}; pipeline overhead {overhead}",
+        ),
+    ]
 
 
 def print_table(rows: list[tuple[str, str]], out: TextIO = sys.stdout) -> None:

@@ -51,7 +51,12 @@ class PipelineFailed(TaggerError, RuntimeError):
 # Type, default and help come from the pipeline itself (its signature and docstring), so this
 # runner cannot drift from what a Kubeflow user sees; checkpoint_root comes from --state.
 FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
-    ("data", "dataset_uri", "--dataset", {"default": os.environ.get("DATASET", ""), "help": "default $DATASET"}),
+    (
+        "data",
+        "dataset_uri",
+        "--dataset",
+        {"default": os.environ.get("DATASET", ""), "help": "the default comes from $DATASET"},
+    ),
     ("data", "n_signal", "--signal", {"type": positive_int}),
     ("data", "n_background", "--background", {"type": positive_int}),
     ("data", "generator_workers", "--workers", {}),
@@ -75,7 +80,7 @@ FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("registry and serving", "grpc_port", "--grpc-port", {"type": positive_int, "default": None}),
     ("run", "run_key", "--run-key", {}),
 )
-_TYPES = {"String": str, "Integer": int, "Double": float, "Boolean": bool}
+_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
 _LOCAL_HELP = {
     "deploy_target": "serve the champion: local predictor process (default here), cluster, or none",
     "http_port": "local predictor (default: a free port)",
@@ -86,22 +91,33 @@ _LOCAL_HELP = {
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.top_tagging import top_tagging
 
-    parser = argparse.ArgumentParser(prog="python -m pipelines.run", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     inputs = top_tagging.component_spec.inputs
     groups: dict[str, argparse._ArgumentGroup] = {}
     for group, name, flag, settings in FLAGS:
         spec = inputs[name]
         description = " ".join((spec.description or "").split()).replace("%", "%%")
         note = settings.get("help")
-        options = {"dest": name, "type": _TYPES[spec.type], "default": spec.default}
+        metavar = flag.removeprefix("--").upper().replace("-", "_")
+        options = {"dest": name, "type": _TYPES[spec.type], "default": spec.default, "metavar": metavar}
         options |= {key: value for key, value in settings.items() if key != "help"}
+        if "choices" in options:
+            del options["metavar"]  # argparse then lists the choices
         options["help"] = f"{description} ({note})" if note else _LOCAL_HELP.get(name, description)
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         groups[group].add_argument(flag, **options)
     run = groups["run"]
-    run.add_argument("--state", type=Path, default=Path(os.environ.get("STATE", REPO / ".state")),
-                     help="local state folder (default .state)")  # fmt: skip
+    run.add_argument(
+        "--state",
+        type=Path,
+        default=Path(os.environ.get("STATE", REPO / ".state")),
+        help="local state folder (default .state)",
+    )
     run.add_argument("--no-cache", action="store_true", help="run every task, even the cached data steps")
     run.add_argument("--keep-serving", action="store_true", help="leave the local predictor running")
     run.add_argument("--summary-json", type=Path, help="also write the summary as JSON")
@@ -178,8 +194,11 @@ def run_pipeline(arguments: dict[str, Any], state: Path, cache: bool = True, ver
     os.environ[EVENTS_ENV] = str(events_file)
     os.environ.setdefault(CODE_VERSION_ENV, code_version())
     os.environ.setdefault("MPLBACKEND", "Agg")
-    log.info("run key %s: after an interruption, run again with --run-key %s to resume its training",
-             arguments["run_key"], arguments["run_key"])  # fmt: skip
+    log.info(
+        "run key %s: after an interruption, run again with --run-key %s to resume its training",
+        arguments["run_key"],
+        arguments["run_key"],
+    )
     for line in cluster_only_settings():  # what kfp.local ignores without a word
         log.info("skipped locally (kfp.local ignores it): %s", line)
     pipeline_root = state / "kfp"
@@ -211,21 +230,29 @@ def run_pipeline(arguments: dict[str, Any], state: Path, cache: bool = True, ver
     fit, test = outputs["fit_jets"].metadata, outputs["test_jets"].metadata
     steps_seconds = sum(steps.values())
     summary = {
-        "data": {"n_jets": int(fit["n_jets"] + test["n_jets"]), "n_fit": int(fit["n_jets"]),
-                 "n_test": int(test["n_jets"]), "source": fit.get("source", ""),
-                 "dataset_sha256": fit.get("dataset_sha256", "")},
+        "data": {
+            "n_jets": int(fit["n_jets"] + test["n_jets"]),
+            "n_fit": int(fit["n_jets"]),
+            "n_test": int(test["n_jets"]),
+            "source": fit.get("source", ""),
+            "dataset_sha256": fit.get("dataset_sha256", ""),
+        },
         "training": dict(outputs["training"].metadata),
         "evaluation": dict(outputs["evaluation"].metadata),
-        "model_name": arguments["model_name"], "experiment": arguments["mlflow_experiment"],
+        "model_name": arguments["model_name"],
+        "experiment": arguments["mlflow_experiment"],
         "tracking_uri": tracking,
         **{key: outputs[key] for key in ("run_id", "version", "aliases", "decision", "reason", "model_uri", "url")},
         "deployment": json.loads(outputs["deployment"]),
         # The train task is never cached, so its output lives in this run's own folder.
         "pipeline_root": str(Path(outputs["training"].uri).parents[1]),
-        "seconds": seconds, "steps": steps, "steps_seconds": steps_seconds,
+        "seconds": seconds,
+        "steps": steps,
+        "steps_seconds": steps_seconds,
         "cached": [s for s in ("data", "preprocess") if s not in steps],
-        "overhead_seconds": seconds - steps_seconds, "overhead_fraction": (seconds - steps_seconds) / seconds,
-    }  # fmt: skip
+        "overhead_seconds": seconds - steps_seconds,
+        "overhead_fraction": (seconds - steps_seconds) / seconds,
+    }
     return summary
 
 

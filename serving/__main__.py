@@ -23,8 +23,13 @@ from toptagger.constants import CHAMPION_URI, GRPC_PORT, HTTP_PORT
 SERVING_LOGGERS = ("serving",)
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+def _from_env(parser: argparse.ArgumentParser, flag: str, default: object, help: str, **options: object) -> None:
+    """``--flag`` whose default comes from the environment variable of the same name (``--max-queue``:
+    ``MAX_QUEUE``). argparse converts a string default with the option's type, so a bad value in
+    the environment is refused as a bad flag would be."""
+    env = flag.removeprefix("--").upper().replace("-", "_")
+    value = os.environ.get(env) or default
+    parser.add_argument(flag, default=value if value is None else str(value), help=f"{help} (env {env})", **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,50 +39,27 @@ def build_parser() -> argparse.ArgumentParser:
         "with dynamic batching and Triton/SONIC-compatible gRPC.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--model-uri",
-        default=_env("MODEL_URI", "/mnt/models"),
-        help=f"model folder, s3://bucket/prefix, or {CHAMPION_URI} (env MODEL_URI)",
+    _from_env(parser, "--model-uri", "/mnt/models", f"model folder, s3://bucket/prefix, or {CHAMPION_URI}")
+    _from_env(parser, "--backend", "torch", "execution backend", choices=list(BACKENDS))
+    _from_env(
+        parser, "--fallback", None, "backend to use when the chosen one has no usable device", choices=list(BACKENDS)
     )
-    parser.add_argument(
-        "--backend",
-        choices=list(BACKENDS),
-        default=_env("BACKEND", "torch"),
-        help="execution backend (env BACKEND)",
-    )
-    parser.add_argument(
-        "--fallback",
-        choices=list(BACKENDS),
-        default=os.environ.get("FALLBACK") or None,
-        help="backend to use when the chosen one has no usable device (env FALLBACK)",
-    )
-    parser.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", str(HTTP_PORT))), help="REST port")
-    parser.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", str(GRPC_PORT))), help="gRPC port (h2c)")
-    parser.add_argument(
-        "--max-batch-size",
-        type=positive_int,
-        default=int(_env("MAX_BATCH_SIZE", "16")),
-        help="most rows merged into one batch (env MAX_BATCH_SIZE)",
-    )
-    parser.add_argument(
-        "--max-latency-ms",
-        type=float,
-        default=float(_env("MAX_LATENCY_MS", "5")),
-        help="longest wait for a batch to fill once the device is free (env MAX_LATENCY_MS)",
-    )
-    parser.add_argument(
+    _from_env(parser, "--http-port", HTTP_PORT, "REST port", type=int)
+    _from_env(parser, "--grpc-port", GRPC_PORT, "gRPC port (h2c)", type=int)
+    _from_env(parser, "--max-batch-size", 16, "most rows merged into one batch", type=positive_int)
+    _from_env(parser, "--max-latency-ms", 5, "longest wait for a batch to fill once the device is free", type=float)
+    _from_env(
+        parser,
         "--max-queue",
+        256,
+        "requests allowed to wait; beyond it answer 503 / RESOURCE_EXHAUSTED",
         type=positive_int,
-        default=int(_env("MAX_QUEUE", "256")),
-        help="requests allowed to wait; beyond it answer 503 / RESOURCE_EXHAUSTED (env MAX_QUEUE)",
     )
-    parser.add_argument(
-        "--max-body-mb", type=float, default=float(_env("MAX_BODY_MB", "64")), help="largest REST body accepted"
-    )
+    _from_env(parser, "--max-body-mb", 64, "largest REST body accepted", type=float)
+    _from_env(parser, "--log-level", "INFO", "DEBUG logs every request")
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG logs every request")
     return parser
 
 

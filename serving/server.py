@@ -197,8 +197,15 @@ class TaggerGRPCServer:
     ``tests/serving/test_kserve_upstream.py`` fails when upstream's ``GRPCServer.start`` changes.
     """
 
-    def __init__(self, port: int, data_plane: Any, model_repository_extension: Any, model: TopTagger,
-                 options: dict[str, Any], grace_period: int = 30) -> None:  # fmt: skip
+    def __init__(
+        self,
+        port: int,
+        data_plane: Any,
+        model_repository_extension: Any,
+        model: TopTagger,
+        options: dict[str, Any],
+        grace_period: int = 30,
+    ) -> None:
         self._port, self._data_plane, self._extension = port, data_plane, model_repository_extension
         self.model, self._options, self._grace_period = model, options, grace_period
         self._server: aio.Server | None = None

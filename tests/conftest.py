@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from serving.process import free_port
 from toptagger.jets.dataset import JetBatch, write_jets
 from toptagger.jets.generator import generate_jets
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.predictor", "tests.rng_guard"]
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +48,6 @@ def tiny_file(tiny_jets: JetBatch, tmp_path_factory: pytest.TempPathFactory) -> 
 def jets_file(small_jets: JetBatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``small_jets`` written in the reference layout."""
     return _written(small_jets, tmp_path_factory.mktemp("jets"), "small.h5")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:

@@ -5,6 +5,8 @@ The manifests (YAML) spell some of them too; ``tests/manifests`` checks those ag
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # The registered model, the served model and the experiment of the pipeline's runs.
 MODEL_NAME = "top-tagger"
 EXPERIMENT = "top-tagging"
@@ -23,3 +25,6 @@ CONSTITUENT_COLUMNS = ("E", "px", "py", "pz")
 
 # The kustomize overlays of the InferenceService (manifests/overlays/<overlay>): one per node pool.
 OVERLAYS = ("cpu", "gpu", "fpga")
+
+# Downloads (S3 objects, registered models) and compiled kernels are cached under here.
+CACHE_ROOT = Path.home() / ".cache" / "top-tagger"

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -127,35 +127,15 @@ def _check_constituents(constituents: object) -> torch.Tensor:
     return tensor
 
 
-@overload
 def jet_images(
-    constituents: np.ndarray,
-    image_size: int = ...,
-    half_width: float = ...,
-    center: str = ...,
-    rotate: bool = ...,
-    flip: bool = ...,
-    normalize: bool = ...,
-) -> np.ndarray: ...
-@overload
-def jet_images(
-    constituents: torch.Tensor,
-    image_size: int = ...,
-    half_width: float = ...,
-    center: str = ...,
-    rotate: bool = ...,
-    flip: bool = ...,
-    normalize: bool = ...,
-) -> torch.Tensor: ...
-def jet_images(
-    constituents: np.ndarray | torch.Tensor,
+    constituents: ArrayT,
     image_size: int = PAPER_IMAGE_SIZE,
     half_width: float = 1.0,
     center: str = "axis",
     rotate: bool = False,
     flip: bool = False,
     normalize: bool = False,
-) -> np.ndarray | torch.Tensor:
+) -> ArrayT:
     """Render float32 ``[N, M, 4]`` constituents as float32 ``[N, 1, S, S]`` jet images.
 
     numpy in, numpy out; a torch tensor in gives a tensor on the same device. The defaults are the
@@ -171,7 +151,7 @@ def jet_images(
     if n:
         with torch.no_grad():
             _render(tensor, out.view(n, -1), size, float(half_width), center, rotate, flip, normalize)
-    return out.numpy() if isinstance(constituents, np.ndarray) else out
+    return out.numpy() if isinstance(constituents, np.ndarray) else out  # type: ignore[return-value]
 
 
 def _render(

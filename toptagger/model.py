@@ -215,7 +215,9 @@ def load_model(uri: str | os.PathLike[str]) -> JetTagger:
     path = fetch(source)
     config = read_config(path if path.is_dir() else path.parent)
     state = read_state_dict(_weights_file(path, source), source)
-    model = build_model(config)
+    # Every weight is then overwritten: the initialisation must not consume the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config)
     skipped = _load_matching(model, state, source)
     if skipped:
         raise DataError(f"{source}: a saved tagger must include its head, but {skipped} did not fit")

@@ -21,11 +21,12 @@ import tempfile
 from pathlib import Path
 
 from toptagger import storage
+from toptagger.constants import CACHE_ROOT
 from toptagger.errors import ConfigError, StorageError
 
 REGISTRY_SCHEME = "models:/"
 MLFLOW_SCHEMES = (REGISTRY_SCHEME, "runs:/", "mlflow-artifacts:/")
-CACHE = Path(os.environ.get("TOPTAGGER_MODEL_CACHE", Path.home() / ".cache" / "top-tagger" / "models"))
+CACHE = Path(os.environ.get("TOPTAGGER_MODEL_CACHE", CACHE_ROOT / "models"))
 
 
 def is_mlflow_uri(uri: str) -> bool:

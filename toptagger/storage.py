@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toptagger.constants import CACHE_ROOT
 from toptagger.errors import StorageError
 
 S3_SCHEME = "s3://"
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNK = 16 * 1024 * 1024
-DEFAULT_CACHE = Path(os.environ.get("TOPTAGGER_CACHE", Path.home() / ".cache" / "top-tagger" / "s3"))
+DEFAULT_CACHE = Path(os.environ.get("TOPTAGGER_CACHE", CACHE_ROOT / "s3"))
 
 
 def is_s3(uri: str | os.PathLike[str]) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.serving import Point, closed_loop, compute_seconds, markdown, paired_latency, parse_list, summary_rows
 from serving.backends import TorchBackend
-from tests.serving.conftest import IMAGE_SIZE, Server
+from tests.predictor import IMAGE_SIZE, Server
 
 CEILING = {
     "throughput": {1: 75.0, 16: 240.0, 32: 260.0},

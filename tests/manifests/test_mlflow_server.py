@@ -21,7 +21,8 @@ import kubernetes_validate
 import pytest
 from mlflow.server.security_utils import is_allowed_host_header
 
-from tests.conftest import free_port, wait_for_port
+from serving.process import free_port
+from tests.conftest import wait_for_port
 from tests.manifests.test_manifests import K8S_VERSION, MANIFESTS, build
 
 

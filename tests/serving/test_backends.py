@@ -15,7 +15,7 @@ import pytest
 from serving.backends import OPENCL_PACKAGE, TorchBackend
 from serving.client import TaggerClient
 from serving.triton_protos import extensions_pb2
-from tests.serving.conftest import IMAGE_SIZE, start_server, stop_server
+from tests.predictor import IMAGE_SIZE, start_server, stop_server
 from toptagger.jets.dataset import JetBatch
 from toptagger.model import load_model
 

@@ -19,7 +19,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from serving.backends import TorchBackend
 from serving.client import InferenceFailed, RetryPolicy, TaggerClient
-from tests.serving.conftest import IMAGE_SIZE, Server, start_server, stop_server
+from tests.predictor import IMAGE_SIZE, Server, start_server, stop_server
 from toptagger.jets.dataset import JetBatch
 
 HERE = Path(__file__).resolve().parent
@@ -401,7 +401,7 @@ def test_full_queue_answers_503_and_resource_exhausted(model_dir: Path, tmp_path
 
 
 def test_client_retries_until_the_server_is_up(model_dir: Path, reference: TorchBackend) -> None:
-    from tests.conftest import free_port
+    from serving.process import free_port
 
     port = free_port()
     images = np.ones((1, 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
@@ -428,7 +428,7 @@ def start_server_on(model_dir: Path, grpc_port: int) -> Server:
 
 
 def test_client_falls_back_or_fails_cleanly_when_nothing_listens(reference: TorchBackend) -> None:
-    from tests.conftest import free_port
+    from serving.process import free_port
 
     images = np.ones((2, 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     url = f"grpc://127.0.0.1:{free_port()}"

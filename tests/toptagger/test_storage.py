@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, wait_for_port
+from serving.process import free_port
+from tests.conftest import wait_for_port
 from toptagger import storage
 from toptagger.errors import StorageError
 

@@ -130,8 +130,13 @@ def train(
         log.info("resuming from %s after epoch %d (best val AUC %.4f)", checkpoint_path, state["epoch"], best_auc)
     log.info(
         "training on %d jets (validation %d, test %d held out), %d steps per epoch, device %s%s",
-        len(train_jets), len(val_jets), n_test, len(loader), dev, f", AMP {amp_dtype}" if amp_dtype else "",
-    )  # fmt: skip
+        len(train_jets),
+        len(val_jets),
+        n_test,
+        len(loader),
+        dev,
+        f", AMP {amp_dtype}" if amp_dtype else "",
+    )
 
     from tqdm import tqdm
 
@@ -173,8 +178,13 @@ def train(
             stale += 1
         log.info(
             "epoch %d: loss %.4f, val AUC %.4f (best %.4f at epoch %d), %.0f jets/s",
-            epoch + 1, record["train_loss"], val_auc, best_auc, best_epoch + 1, record["jets_per_second"],
-        )  # fmt: skip
+            epoch + 1,
+            record["train_loss"],
+            val_auc,
+            best_auc,
+            best_epoch + 1,
+            record["jets_per_second"],
+        )
         _save_checkpoint(
             checkpoint_path,
             {

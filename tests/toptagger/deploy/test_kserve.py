@@ -25,7 +25,7 @@ from toptagger.deploy import kserve
 from toptagger.deploy.k8s_models import from_dict, to_dict
 from toptagger.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MANIFESTS = REPO / "manifests"
 URI = "s3://mlflow/3/models/m-0123456789abcdef/artifacts"
 

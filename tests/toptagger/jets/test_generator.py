@@ -12,7 +12,7 @@ from toptagger.jets import kinematics as kin
 from toptagger.jets.dataset import JetBatch
 from toptagger.jets.generator import SIGNAL, JetFactory, Recipe, generate_jets, plan_blocks
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_selection_window(small_jets: JetBatch) -> None:

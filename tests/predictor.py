@@ -1,4 +1,8 @@
-"""A real predictor process on loopback, serving a small (random-weight) tagger."""
+"""A real predictor process on loopback, serving a small (random-weight) tagger.
+
+Fixtures for tests/serving and tests/benchmarks (registered in tests/conftest.py), and the helper
+that starts a predictor for a test of its own.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from serving.process import LocalPredictor as Server
-from serving.process import start_local
-from tests.conftest import free_port
+from serving.process import free_port, start_local
 from toptagger.images import ImageConfig
 from toptagger.model import TaggerConfig, build_model, save_model
 

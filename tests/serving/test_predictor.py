@@ -1,0 +1,269 @@
+"""serving.predictor: ``TopTagger`` in-process, with a real saved (random-weight) ResNet-50 tagger.
+
+Covers ``load()`` (success: ready, contract and batchers from the backend; failure: not ready, with
+a reason naming the URI and the backend, and no exception), ``classify()`` through the dynamic
+batcher for images and for constituents (rendered with the model's own image configuration),
+the merging of concurrent requests, a full queue (:class:`serving.errors.ServerOverloaded`) and
+``predict()`` of a KServe ``InferRequest``.
+
+Reference answers come from the same backend object, run on the predictor's device thread: where
+a request is one batch, the code path is the batcher's own, so answers are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pytest
+import torch
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferInput, InferRequest
+
+from serving.contract import Contract
+from serving.errors import ServerOverloaded
+from serving.predictor import BatchingOptions, TopTagger
+from toptagger.constants import MODEL_NAME
+from toptagger.images import ImageConfig, jet_images, three_channels
+from toptagger.jets.dataset import JetBatch
+from toptagger.model import TaggerConfig, build_model, save_model
+
+IMAGE_CONFIG = ImageConfig(image_size=32, center="centroid", rotate=True, flip=True, normalize=True)
+# max_queue 4: four requests can wait together (one merged batch of 8 rows), a fifth is refused.
+BATCHING = BatchingOptions(max_batch_size=8, max_latency_ms=5.0, max_queue=4)
+T = TypeVar("T")
+
+# Different batches of the same rows (or the tagger's 1-channel view against 3 materialised
+# copies) may run different float32 kernels: the logits then differ by float32 rounding of
+# dot products of up to 3*3*512 = 4608 terms through ~50 layers, a relative 1e-6..1e-5. The
+# probability p = softmax(logits) moves by p(1 - p) times the logit difference, so rtol 1e-4
+# leaves a 10x margin; atol 1e-6 (8 ulp at 1.0) covers probabilities near 0.
+RTOL, ATOL = 1e-4, 1e-6
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The machine is shared: one intra-op thread, inherited by the predictor's device thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
+    torch.manual_seed(0)
+    model = build_model(TaggerConfig(image=IMAGE_CONFIG)).eval()
+    return save_model(model, tmp_path_factory.mktemp("model") / "tagger")
+
+
+@pytest.fixture(scope="module")
+def tagger(saved_model: Path) -> Iterator[TopTagger]:
+    model = TopTagger(str(saved_model), backend="torch", batching=BATCHING)
+    assert model.load(), model.not_ready_reason
+    assert on_device(model, torch.get_num_threads) == 1
+    yield model
+    assert model.device_thread is not None
+    model.device_thread.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def jets(small_jets: JetBatch) -> np.ndarray:
+    """Three top and three QCD jets, picked with a seeded generator: float32 [6, 200, 4]."""
+    rng = np.random.default_rng(2024)
+    top = rng.choice(np.flatnonzero(small_jets.labels == 1), 3, replace=False)
+    qcd = rng.choice(np.flatnonzero(small_jets.labels == 0), 3, replace=False)
+    return np.ascontiguousarray(small_jets.constituents[np.concatenate([top, qcd])])
+
+
+def on_device(model: TopTagger, function: Callable[..., T], *args: object) -> T:
+    """Run ``function`` on the predictor's device thread, where its batcher runs the backend."""
+    assert model.device_thread is not None
+    return model.device_thread.submit(function, *args).result()
+
+
+def reference(model: TopTagger, images: np.ndarray) -> np.ndarray:
+    """The backend's own answer for exactly this batch of images."""
+    assert model.backend is not None
+    return on_device(model, model.backend.predict, images)
+
+
+def rendered(model: TopTagger, constituents: np.ndarray) -> np.ndarray:
+    assert model.backend is not None
+    return on_device(model, model.backend.render, constituents)
+
+
+def assert_probabilities(probabilities: np.ndarray, rows: int) -> None:
+    assert probabilities.dtype == np.float32
+    assert probabilities.shape == (rows, 2)
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    # Two float32 softmax outputs, each within a few ulp: their sum is 1 to a few ulp of 1.0.
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=0, atol=1e-6)
+
+
+# --- load() ----------------------------------------------------------------------------------------
+
+
+def test_load_makes_the_model_ready_with_the_contract_of_its_backend(tagger: TopTagger) -> None:
+    assert tagger.ready
+    assert tagger.not_ready_reason is None
+    assert tagger.backend is not None and tagger.backend.kind == "torch"
+    assert tagger.backend.image_config == IMAGE_CONFIG
+    # torch sets no device cap, so the batching option is the maximum batch size
+    assert tagger.contract == Contract(channels=3, image_size=32, max_batch_size=BATCHING.max_batch_size)
+    assert set(tagger.batchers) == {"images", "constituents"}
+    assert all(b.max_batch_size == BATCHING.max_batch_size for b in tagger.batchers.values())
+    assert tagger.get_input_types() == [
+        {"name": "images", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
+        {"name": "constituents", "datatype": "FP32", "shape": [-1, 200, 4]},
+    ]
+    assert tagger.get_output_types() == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}]
+
+
+def test_a_model_not_loaded_yet_says_so() -> None:
+    model = TopTagger("/nowhere", backend="torch")
+    assert not model.ready
+    assert model.not_ready_reason == "not loaded yet"
+    assert model.get_input_types() == []
+
+
+def test_load_of_a_missing_model_leaves_it_not_ready_with_the_reason(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-model")
+    model = TopTagger(missing, backend="torch")
+    assert model.load() is False  # no exception: the server stays up and answers "not ready"
+    assert not model.ready
+    assert model.not_ready_reason is not None
+    assert missing in model.not_ready_reason
+    assert "backend torch" in model.not_ready_reason
+    assert model.contract is None and model.batchers == {}
+    assert model.get_input_types() == [] and model.get_output_types() == []
+
+
+def test_load_with_an_unknown_backend_leaves_it_not_ready_naming_the_backend(saved_model: Path) -> None:
+    model = TopTagger(str(saved_model), backend="tpu")
+    assert model.load() is False
+    assert not model.ready
+    assert model.not_ready_reason is not None
+    assert "unknown backend 'tpu'" in model.not_ready_reason
+    assert str(saved_model) in model.not_ready_reason
+
+
+# --- classify() ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_classify_images_returns_what_the_backend_computes(tagger: TopTagger, jets: np.ndarray, channels: int) -> None:
+    images = rendered(tagger, jets)
+    if channels == 3:  # what the CMSSW producer sends: three copies
+        images = np.ascontiguousarray(three_channels(images))
+    probabilities = asyncio.run(tagger.classify("images", images))
+    assert_probabilities(probabilities, len(jets))
+    # One request is one batch: the batcher calls backend.predict on this very array, on the
+    # same thread with the same thread count, so the answer is the same to the bit.
+    np.testing.assert_array_equal(probabilities, reference(tagger, images))
+
+
+def test_one_channel_images_are_classified_as_their_three_copies(tagger: TopTagger, jets: np.ndarray) -> None:
+    images = rendered(tagger, jets)
+    single = asyncio.run(tagger.classify("images", images))
+    copies = asyncio.run(tagger.classify("images", np.ascontiguousarray(three_channels(images))))
+    # the same numbers through two code paths (the tagger's expand view, ResNet on 3 copies)
+    np.testing.assert_allclose(single, copies, rtol=RTOL, atol=ATOL)
+
+
+def test_constituents_are_rendered_with_the_models_own_image_configuration(tagger: TopTagger, jets: np.ndarray) -> None:
+    probabilities = asyncio.run(tagger.classify("constituents", jets))
+    assert_probabilities(probabilities, len(jets))
+    backend = tagger.backend
+    assert backend is not None
+    expected = on_device(tagger, lambda: backend.predict(backend.render(jets)))
+    np.testing.assert_array_equal(probabilities, expected)  # the batcher's own code path, same batch
+    # ... and that configuration is the saved one, which matters: the default rendering (no
+    # centring, rotation, flip or normalisation) gives other images.
+    np.testing.assert_array_equal(rendered(tagger, jets), jet_images(jets, **IMAGE_CONFIG.to_dict()))
+    assert not np.allclose(rendered(tagger, jets), jet_images(jets, image_size=32))
+
+
+def test_concurrent_requests_are_merged_and_each_caller_gets_its_own_rows(
+    tagger: TopTagger, small_jets: JetBatch
+) -> None:
+    images = rendered(tagger, np.ascontiguousarray(small_jets.constituents[:8]))
+    requests = [images[i : i + 2] for i in range(0, 8, 2)]  # 4 requests x 2 rows = one full batch
+    stats = tagger.batchers["images"].stats
+    batches_before, rows_before = stats.execution_count, stats.inference_count
+
+    async def together() -> list[np.ndarray]:
+        return await asyncio.gather(*(tagger.classify("images", r) for r in requests))
+
+    answers = asyncio.run(together())
+    # All four were queued before the worker ran (no await in between), so they form one batch.
+    assert stats.execution_count - batches_before == 1
+    assert stats.inference_count - rows_before == 8
+    merged = reference(tagger, np.concatenate(requests))  # the very batch the batcher ran
+    for i, (request, answer) in enumerate(zip(requests, answers, strict=True)):
+        assert_probabilities(answer, 2)
+        np.testing.assert_array_equal(answer, merged[2 * i : 2 * i + 2])
+        # against each request run alone: another batch size, so float32 rounding only
+        np.testing.assert_allclose(answer, reference(tagger, request), rtol=RTOL, atol=ATOL)
+
+
+def test_a_full_queue_raises_server_overloaded(tagger: TopTagger, jets: np.ndarray) -> None:
+    images = rendered(tagger, jets[:1])
+    stats = tagger.batchers["images"].stats
+    fails_before = stats.fail_count
+
+    async def one_too_many() -> list[np.ndarray | BaseException]:
+        calls = [tagger.classify("images", images) for _ in range(BATCHING.max_queue + 1)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    *accepted, refused = asyncio.run(one_too_many())
+    assert isinstance(refused, ServerOverloaded), refused
+    assert f"the inference queue is full ({BATCHING.max_queue} requests waiting)" in refused.reason
+    assert stats.fail_count - fails_before == 1
+    expected = reference(tagger, images)
+    for answer in accepted:  # the queued ones are answered as usual
+        assert isinstance(answer, np.ndarray), answer
+        np.testing.assert_allclose(answer, expected, rtol=RTOL, atol=ATOL)
+
+
+# --- predict() -----------------------------------------------------------------------------------
+
+
+def json_request(images: np.ndarray, request_id: str | None) -> InferRequest:
+    tensor = InferInput("images", list(images.shape), "FP32", data=images.ravel().tolist())
+    return InferRequest(MODEL_NAME, [tensor], request_id=request_id)
+
+
+def test_predict_answers_an_infer_request_with_its_id_and_the_probabilities(
+    tagger: TopTagger, jets: np.ndarray
+) -> None:
+    images = rendered(tagger, jets[:3])
+    response = asyncio.run(tagger.predict(json_request(images, "req-42")))
+    assert response.id == "req-42"
+    assert response.model_name == MODEL_NAME
+    [output] = response.outputs
+    assert (output.name, output.datatype, output.shape) == ("probabilities", "FP32", [3, 2])
+    probabilities = output.as_numpy()
+    assert_probabilities(probabilities, 3)
+    # JSON carries float32 as exact doubles, so the request's images are these images exactly
+    np.testing.assert_array_equal(probabilities, reference(tagger, images))
+
+
+def test_predict_takes_the_id_from_x_request_id_else_makes_one(tagger: TopTagger, jets: np.ndarray) -> None:
+    images = rendered(tagger, jets[:1])
+    from_header = asyncio.run(tagger.predict(json_request(images, None), headers={"x-request-id": "hdr-7"}))
+    assert from_header.id == "hdr-7"
+    made = asyncio.run(tagger.predict(json_request(images, None)))
+    assert uuid.UUID(made.id)  # a fresh id, so that the answer and the logs can be matched
+
+
+def test_predict_refuses_what_the_contract_refuses(tagger: TopTagger) -> None:
+    wrong = np.zeros((1, 3, 16, 16), np.float32)
+    with pytest.raises(InvalidInput, match=r"input 'images' must have shape \[-1, 3, 32, 32\]"):
+        asyncio.run(tagger.predict(json_request(wrong, "bad-1")))
+    with pytest.raises(InvalidInput, match="v2"):
+        asyncio.run(tagger.predict({"instances": [[0.0]]}))  # type: ignore[arg-type]

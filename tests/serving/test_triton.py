@@ -1,0 +1,172 @@
+"""serving.triton: Triton's ``ModelConfig`` and ``ModelStatistics`` of a ``TopTagger``, in-process.
+
+Covers ``model_config`` before load (name, platform and backend only), after load (maximum batch
+size, tensor names and dims without the batch dimension, the dynamic-batching delay in
+microseconds) and after a fallback (the backend that serves is named, not the one asked for);
+and ``model_statistics`` before load (empty) and after requests through the batcher, which
+CMSSW's SONIC reports read: rows, batches, requests, failures and one entry per batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kserve.errors import InvalidInput
+
+from serving.predictor import BatchingOptions, TopTagger
+from serving.triton import PLATFORM, model_config, model_statistics
+from serving.triton_protos import model_config_pb2
+from toptagger.images import ImageConfig
+from toptagger.jets.dataset import JetBatch
+from toptagger.model import TaggerConfig, build_model, save_model
+
+IMAGE_CONFIG = ImageConfig(image_size=32, center="centroid", rotate=True, flip=True, normalize=True)
+# 2.5 ms: a delay that is not a whole number of milliseconds, to see the conversion to microseconds
+BATCHING = BatchingOptions(max_batch_size=8, max_latency_ms=2.5, max_queue=16)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The machine is shared: one intra-op thread, inherited by the predictor's device thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
+    torch.manual_seed(0)
+    model = build_model(TaggerConfig(image=IMAGE_CONFIG)).eval()
+    return save_model(model, tmp_path_factory.mktemp("model") / "tagger")
+
+
+@contextmanager
+def loaded(model: TopTagger) -> Iterator[TopTagger]:
+    assert model.load(), model.not_ready_reason
+    try:
+        yield model
+    finally:
+        assert model.device_thread is not None
+        model.device_thread.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def tagger(saved_model: Path) -> Iterator[TopTagger]:
+    with loaded(TopTagger(str(saved_model), backend="torch", batching=BATCHING)) as model:
+        yield model
+
+
+@pytest.fixture
+def fresh_tagger(saved_model: Path) -> Iterator[TopTagger]:
+    """A newly loaded model whose statistics start at zero."""
+    with loaded(TopTagger(str(saved_model), backend="torch", batching=BATCHING)) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def jets(small_jets: JetBatch) -> np.ndarray:
+    """Eight jets picked with a seeded generator: float32 [8, 200, 4]."""
+    rows = np.random.default_rng(11).choice(len(small_jets.labels), 8, replace=False)
+    return np.ascontiguousarray(small_jets.constituents[rows])
+
+
+# --- ModelConfig ---------------------------------------------------------------------------------
+
+
+def test_config_before_load_has_only_name_platform_and_backend(saved_model: Path) -> None:
+    config = model_config(TopTagger(str(saved_model), backend="torch"))
+    assert (config.name, config.platform, config.backend) == ("top-tagger", PLATFORM, "torch")
+    assert config.max_batch_size == 0
+    assert len(config.input) == 0 and len(config.output) == 0
+    assert not config.HasField("dynamic_batching")
+
+
+def test_config_after_load_describes_the_tensors_without_the_batch_dimension(tagger: TopTagger) -> None:
+    config = model_config(tagger)
+    assert (config.name, config.platform, config.backend) == ("top-tagger", PLATFORM, "torch")
+    assert config.max_batch_size == BATCHING.max_batch_size
+    fp32 = model_config_pb2.TYPE_FP32
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
+        ("images", fp32, [3, 32, 32]),
+        ("constituents", fp32, [200, 4]),
+    ]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("probabilities", fp32, [2])]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2500
+
+
+def test_config_names_the_backend_that_serves_after_a_fallback(saved_model: Path) -> None:
+    """Asked for OpenCL on a model folder without an OpenCL package, with torch as the fallback."""
+    pytest.importorskip("pyopencl")  # the OpenCL backend imports it before it can fail over
+    model = TopTagger(str(saved_model), backend="opencl", fallback="torch", batching=BATCHING)
+    assert model_config(model).backend == "opencl"  # before load, the one asked for is all there is
+    with loaded(model) as served:
+        assert served.backend is not None and served.backend.kind == "torch"
+        assert served.backend_name == "opencl"
+        config = model_config(served)
+        assert config.backend == "torch"
+        assert config.max_batch_size == BATCHING.max_batch_size
+
+
+# --- ModelStatistics -----------------------------------------------------------------------------
+
+
+def test_statistics_before_load_are_empty(saved_model: Path) -> None:
+    entry = model_statistics(TopTagger(str(saved_model), backend="torch"))
+    assert (entry.name, entry.version) == ("top-tagger", "1")
+    assert (entry.inference_count, entry.execution_count, entry.last_inference) == (0, 0, 0)
+    assert not entry.HasField("inference_stats")
+    assert len(entry.batch_stats) == 0
+
+
+def test_statistics_count_rows_batches_requests_and_batch_sizes(fresh_tagger: TopTagger, jets: np.ndarray) -> None:
+    model = fresh_tagger
+    assert model.backend is not None and model.device_thread is not None
+    images = model.device_thread.submit(model.backend.render, jets).result()
+    bad = jets[:1].copy()
+    bad[0, 0, 0] = np.nan  # classify() trusts its caller; the renderer refuses this in the batch
+
+    async def traffic() -> None:
+        # One at a time, each request is a batch of its own ...
+        await model.classify("images", images[:3])
+        await model.classify("images", images[3:6])
+        await model.classify("constituents", jets[:2])
+        # ... and requests queued together (nothing awaits between them) are one batch of 1+2+1.
+        await asyncio.gather(
+            model.classify("images", images[:1]),
+            model.classify("images", images[1:3]),
+            model.classify("images", images[3:4]),
+        )
+        with pytest.raises(InvalidInput, match="NaN"):
+            await model.classify("constituents", bad)
+
+    asyncio.run(traffic())
+    entry = model_statistics(model)
+    assert entry.inference_count == 3 + 3 + 2 + 4  # rows
+    assert entry.execution_count == 4  # batches
+    stats = entry.inference_stats
+    assert stats.success.count == 6  # requests answered
+    assert stats.fail.count == 1
+    assert stats.queue.count == 6
+    assert stats.compute_infer.count == 4
+    # Durations are sums of the same measurements: success = queue + compute, and the compute
+    # time of each batch size adds up to the total (no assertion on how long anything took).
+    assert stats.success.ns == stats.queue.ns + stats.compute_infer.ns
+    assert sum(b.compute_infer.ns for b in entry.batch_stats) == stats.compute_infer.ns
+    assert [(b.batch_size, b.compute_infer.count) for b in entry.batch_stats] == [(2, 1), (3, 2), (4, 1)]
+    assert entry.last_inference > 0  # milliseconds since the epoch of the last batch
+
+
+def test_statistics_add_up_both_input_queues(fresh_tagger: TopTagger, jets: np.ndarray) -> None:
+    model = fresh_tagger
+    asyncio.run(model.classify("constituents", jets[:5]))
+    entry = model_statistics(model)
+    assert (entry.inference_count, entry.execution_count) == (5, 1)
+    assert model.batchers["images"].stats.execution_count == 0
+    assert [(b.batch_size, b.compute_infer.count) for b in entry.batch_stats] == [(5, 1)]
