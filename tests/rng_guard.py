@@ -31,13 +31,13 @@ import torch
 
 HOW_TO_FIX = {
     "torch": (
-        "call torch.manual_seed(n) at the start of the test (before anything draws: tensors, "
+        "call torch.manual_seed(n) at the start of {where} (before anything draws: tensors, "
         "model initialisation, DataLoader shuffling), or draw from a local generator: "
         "g = torch.Generator().manual_seed(n); torch.randn(..., generator=g)"
     ),
     "numpy": (
         "draw from a local generator instead: rng = np.random.default_rng(n); rng.normal(...) "
-        "(or call np.random.seed(n) at the start of the test)"
+        "(or call np.random.seed(n) at the start of {where})"
     ),
 }
 NAMES = {
@@ -133,16 +133,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     _uninstall()
 
 
-def _violations(phase: str) -> list[str]:
+def _violations(phase: str, where: str = "this test") -> list[str]:
     found = []
     for rng in SNAPSHOT:
         if rng in WATCH.drew_before_seed:
             found.append(
                 f"{phase} drew from {NAMES[rng]} before seeding it (the seed came too late: the values drawn "
-                f"before it depend on the tests that ran earlier); {HOW_TO_FIX[rng]}"
+                f"before it depend on the tests that ran earlier); {HOW_TO_FIX[rng].format(where=where)}"
             )
         elif rng not in WATCH.seeded and WATCH.moved(rng):
-            found.append(f"{phase} drew from {NAMES[rng]} without seeding it first in this test; {HOW_TO_FIX[rng]}")
+            found.append(
+                f"{phase} drew from {NAMES[rng]} without seeding it first in {where}; "
+                + HOW_TO_FIX[rng].format(where=where)
+            )
     return found
 
 
@@ -163,7 +166,9 @@ def _guard(item: pytest.Item, phase: str) -> Generator[None, Any, Any]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Generator[None, Any, Any]:
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> Generator[None, Any, Any]:
     """A fixture of a wider scope than the test is guarded on its own: it must seed what it draws,
     and its seeds do not count for the test that happens to set it up first (they would not for
     the tests after it)."""
@@ -177,7 +182,7 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.Fix
     try:
         return (yield)
     finally:
-        WATCH.pending += _violations(f"{fixturedef.scope}-scoped fixture {fixturedef.argname!r}")
+        WATCH.pending += _violations(f"{fixturedef.scope}-scoped fixture {fixturedef.argname!r}", "this fixture")
         WATCH.drew_before_seed.clear()
         WATCH.seeded = outer_seeded
         WATCH.start = {rng: SNAPSHOT[rng]() for rng in SNAPSHOT}

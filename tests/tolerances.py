@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 EPS32 = 2.0**-24  # unit roundoff u of float32 (half of np.finfo(np.float32).eps)
+LAMBDA = 6.0  # probabilistic bounds hold with probability >= 1 - 2 exp(-LAMBDA**2 / 2) = 1 - 3e-8 each
 
 
 def gamma(n: int | float, u: float = EPS32) -> float:
@@ -118,31 +119,37 @@ def resnet_logit_bound(
     model: nn.Module,
     images: np.ndarray | torch.Tensor,
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    lam: float = LAMBDA,
 ) -> np.ndarray:
-    """Bound (float64 [N, classes]) on the rounding error of the logits of one float32 forward pass.
+    """Probabilistic bound (float64 [N, classes]) on the rounding error of the logits of one float32
+    forward pass of a torchvision ResNet in eval mode, by either path: torch's (conv, then batch-norm
+    as c * s + t with s = gamma / sqrt(var + eps) and t = beta - mean * s, then the residual add)
+    or the OpenCL engine's (one conv with the batch-norm folded into float32 weights and bias, the
+    residual added into the same accumulator).
 
-    For a torchvision ResNet in eval mode, computed either as torch does it (conv, then batch-norm
-    as ``c * s + t`` with s = gamma / sqrt(var + eps), t = beta - mean * s, then residual add and
-    ReLU) or as the OpenCL engine does it (one conv with the batch-norm folded into float32
-    weights and bias, with the residual added in the same accumulator). Per conv unit, with K =
-    Cin * kh * kw, both paths are within
+    Rounding events. A conv unit with K = Cin * kh * kw computes each output with at most K + 12
+    roundings, each an error d * (a partial result) with |d| <= u and |partial result| <= M =
+    |W s| conv |x| + |beta| + |mean s| + |residual|: the conv's K on magnitudes up to |W| |x| |s|
+    = |W s| |x|, then at most 12 more on these magnitudes (s: add, sqrt, divide, scale: 4; t: 2,
+    plus the 4 of s carried by mean * s; c * s + t: 2; residual: 1). The engine has fewer: its fold
+    rounds W s and the bias once each and adds bias and residual in the accumulator. Global average
+    pooling is HW roundings on mean|x|, the head C + 1 on |W| |x| + |b|; ReLU and max-pooling are
+    exact. (This is the worst-case analysis behind gamma(K + 12) * M per element.)
 
-        B = gamma(K + 8) * (|W s| conv |x| + |beta| + |mean s| + |residual|)
+    Propagation. To first order logit j moves by sum over all rounding events e of g_e * d_e * m_e,
+    where g_e is d logit_j / d (the value the event perturbs), computed here in float64 by autograd
+    (one backward pass per class; the images of a batch do not interact in eval mode), and |m_e| <= M.
+    The worst case, sum |g_e| u M_e, is sound but hopeless for a 53-layer network: it assumes that
+    millions of roundings all push the same way, and is 10**5 times the observed error (about 0.2
+    of the logits here). Instead, the probabilistic model of Higham & Mary (SIAM J. Sci. Comput.
+    41, 2019): the d_e are independent with mean zero. Then Hoeffding's inequality gives
 
-    of the exact value of the unit on its own float32 input: the conv's gamma(K) on |W s| |x|
-    (= |W| |x| |s|), plus at most 8 more roundings on these magnitudes: computing s (3: add,
-    sqrt, divide), t (2), c * s + t (2), the residual add (1); the engine's fold rounds W s and the
-    bias once each and adds bias and residual into the accumulator, which is fewer. Global
-    average pooling (a sum of HW terms and a division) is within gamma(HW) mean|x|, the head within
-    gamma(C + 1) (|W| |x| + |b|); ReLU and max-pooling are exact (and 1-Lipschitz).
+        |logit error| <= lam * u * sqrt(sum_e (g_e M_e)**2)
 
-    These local errors reach the logits through the network's derivatives: to first order, logit j
-    moves by sum_l sum_i (d logit_j / d v_l,i) e_l,i where |e_l,i| <= B_l,i, so it moves by at most
-    sum_l sum_i |d logit_j / d v_l,i| B_l,i. This sum is evaluated here in float64 with autograd
-    (one backward pass per class; the images of a batch do not interact in eval mode). It is an
-    upper bound on the rounding error up to second-order terms (products of two rounding errors,
-    u**2 relative), and ReLUs whose input lies within the bound of zero (where the derivative is
-    taken on the exact side); callers keep a factor 2 for those.
+    with probability at least 1 - 2 exp(-lam**2 / 2) per logit: 3e-8 for the default lam = 6.
+    Second-order terms (u**2 relative) and ReLUs whose input lies within rounding of zero are
+    left out; callers keep a factor 2 for them. The bound, like the worst case, does not depend on
+    the order in which a CPU sums (the count of roundings and their magnitudes do not change).
 
     ``forward(model, x)`` runs the network (default: ``model(x)``), e.g. for taggers that expand a
     1-channel image.
@@ -169,18 +176,17 @@ def resnet_logit_bound(
         bn_out[names[id(mod)]] = out
         return out.clone()  # the block adds the residual and applies ReLU in place: on the clone
 
+    def keep_pool(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        taps["pool_in"] = inputs[0].detach()
+        out.retain_grad()
+        taps["pool_out"] = out
+
     for _, conv, bn in units:
         hooks.append(conv.register_forward_pre_hook(keep_input(conv_in)))
         hooks.append(bn.register_forward_hook(keep_output))
     blocks = [(n, m) for n, m in net.named_modules() if n.count(".") == 1 and n.startswith("layer")]
     for _, block in blocks:
         hooks.append(block.register_forward_pre_hook(keep_input(block_in)))
-
-    def keep_pool(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        taps["pool_in"] = inputs[0].detach()
-        out.retain_grad()
-        taps["pool_out"] = out
-
     hooks.append(net.avgpool.register_forward_hook(keep_pool))
     hooks.append(net.fc.register_forward_pre_hook(lambda _m, inputs: taps.__setitem__("fc_in", inputs[0].detach())))
     x = _f64(images).requires_grad_(True)  # so that the graph reaches every activation
@@ -190,13 +196,14 @@ def resnet_logit_bound(
         for h in hooks:
             h.remove()
 
-    # Local bounds B per unit, on the batch-norm output (the residual enters the same value).
-    local: dict[str, torch.Tensor] = {}
-    last_of_block = {}
+    # Per unit: (number of roundings per output element, their magnitude M), on the batch-norm
+    # output (the residual add perturbs the same value, with the same derivative).
+    residual = {}
     for bname, block in blocks:
         last = max(n for n, _ in block.named_children() if n.startswith("bn"))
         identity = bn_out[f"{bname}.downsample.1"] if block.downsample is not None else block_in[bname]
-        last_of_block[f"{bname}.{last}"] = identity.detach().abs()
+        residual[f"{bname}.{last}"] = identity.detach().abs()
+    events: dict[str, tuple[int, torch.Tensor]] = {}
     for name, conv, bn in units:
         bn_name = names[id(bn)]
         s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
@@ -206,27 +213,27 @@ def resnet_logit_bound(
         if conv.bias is not None:
             mag = mag + (conv.bias * s).abs()[None, :, None, None]
         mag = mag + (bn.bias.abs() + (bn.running_mean * s).abs())[None, :, None, None]
-        if bn_name in last_of_block:
-            mag = mag + last_of_block[bn_name]
-        k = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        local[bn_name] = gamma(k + 12) * mag
+        if bn_name in residual:
+            mag = mag + residual[bn_name]
+        events[bn_name] = (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 12, mag)
     pool_in = taps["pool_in"]
-    hw = pool_in.shape[2] * pool_in.shape[3]
-    pool_local = gamma(hw) * pool_in.abs().mean(dim=(2, 3), keepdim=True)
-    head = dot_bound(taps["fc_in"], net.fc.weight, net.fc.bias)
+    pool_events = (pool_in.shape[2] * pool_in.shape[3], pool_in.abs().mean(dim=(2, 3), keepdim=True))
+    head_mag = taps["fc_in"].abs() @ net.fc.weight.abs().T + net.fc.bias.abs()
+    head_events = net.fc.in_features + 1
 
     out = np.zeros(tuple(logits.shape))
     for j in range(logits.shape[1]):
         for t in [*bn_out.values(), taps["pool_out"]]:
             t.grad = None
         logits[:, j].sum().backward(retain_graph=j + 1 < logits.shape[1])
-        total = head[:, j].clone()
-        for bn_name, bound in local.items():
+        total = head_events * head_mag[:, j] ** 2
+        for bn_name, (count, mag) in events.items():
             g = bn_out[bn_name].grad
             if g is not None:
-                total += (g.abs() * bound).sum(dim=(1, 2, 3))
+                total = total + count * ((g * mag) ** 2).sum(dim=(1, 2, 3))
+        count, mag = pool_events
         g = taps["pool_out"].grad
         if g is not None:
-            total += (g.abs() * pool_local).sum(dim=(1, 2, 3))
-        out[:, j] = total.numpy()
+            total = total + count * ((g * mag) ** 2).sum(dim=(1, 2, 3))
+        out[:, j] = (lam * EPS32 * total.sqrt()).numpy()
     return out

@@ -13,6 +13,7 @@ from toptagger.errors import TaggerError
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)``; turn a :class:`TaggerError` into ``error: ...`` and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("numexpr").setLevel(logging.WARNING)  # pandas' import announces its thread count
     try:
         return int(main(argv) or 0)
     except TaggerError as exc:

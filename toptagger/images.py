@@ -143,27 +143,18 @@ def jet_images(
     Raises :class:`DataError` for a wrong shape, dtype or non-finite values and
     :class:`ConfigError` for impossible options.
     """
-    _check_options(image_size, half_width, center)
+    options = ImageConfig(image_size, half_width, center, rotate, flip, normalize)  # checks the options
     tensor = _check_constituents(constituents)
     size = int(image_size)
     n = tensor.shape[0]
     out = torch.zeros((n, 1, size, size), dtype=torch.float32, device=tensor.device)
     if n:
         with torch.no_grad():
-            _render(tensor, out.view(n, -1), size, float(half_width), center, rotate, flip, normalize)
+            _render(tensor, out.view(n, -1), options)
     return out.numpy() if isinstance(constituents, np.ndarray) else out  # type: ignore[return-value]
 
 
-def _render(
-    p4: torch.Tensor,
-    out: torch.Tensor,
-    size: int,
-    half_width: float,
-    center: str,
-    rotate: bool,
-    flip: bool,
-    normalize: bool,
-) -> None:
+def _render(p4: torch.Tensor, out: torch.Tensor, options: ImageConfig) -> None:
     """Render all jets into ``out`` (``[N, S*S]``, zeroed) in blocks of similar length.
 
     Jets fill about a third of the reference format's 200 slots, with a long tail. Blocks of
@@ -193,8 +184,8 @@ def _render(
         # gathers, and the arithmetic below runs on contiguous arrays.
         rows = p4[:, :width].index_select(0, jets)
         px, py, pz = (rows[..., i].contiguous() for i in (1, 2, 3))
-        pixels, weights = _pixelate(px, py, pz, size, half_width, center, rotate, flip, normalize, index_dtype)
-        pixels += (jets.to(index_dtype) * (size * size))[:, None]
+        pixels, weights = _pixelate(px, py, pz, options, index_dtype)
+        pixels += (jets.to(index_dtype) * int(options.image_size) ** 2)[:, None]
         flat.index_add_(0, pixels.view(-1), weights.view(-1))
         start = stop
 
@@ -232,16 +223,7 @@ _TINY_PT = 1e-15
 
 
 def _pixelate(
-    px: torch.Tensor,
-    py: torch.Tensor,
-    pz: torch.Tensor,
-    size: int,
-    half_width: float,
-    center: str,
-    rotate: bool,
-    flip: bool,
-    normalize: bool,
-    index_dtype: torch.dtype,
+    px: torch.Tensor, py: torch.Tensor, pz: torch.Tensor, options: ImageConfig, index_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel index (within each image) and weight of every constituent of a block ([B, M] each).
 
@@ -250,6 +232,8 @@ def _pixelate(
     and the second moments come from raw sums over the axis-relative coordinates, and the map is
     built on the small [B, 1] per-jet tensors: far fewer full-size passes over [B, M].
     """
+    size, half_width, center = int(options.image_size), float(options.half_width), options.center
+    rotate, flip, normalize = options.rotate, options.flip, options.normalize
     # hypot, not _norm: padding is exactly zero here, and sqrt(0) takes a slow path on CPU.
     w = torch.hypot(px, py)
 
