@@ -33,6 +33,7 @@ from serving.process import free_port
 from toptagger.cli import positive_int, run_cli
 from toptagger.constants import GRPC_PORT, HTTP_PORT, OVERLAYS
 from toptagger.errors import ConfigError, TaggerError
+from toptagger.mlflow_store import state_dir
 from toptagger.training.config import PIPELINE_PARAMETERS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--state",
         type=Path,
-        default=Path(os.environ.get("STATE", REPO / ".state")),
+        default=state_dir(),
         help="local state folder (default .state)",
     )
     run.add_argument("--no-cache", action="store_true", help="run every task, even the cached data steps")

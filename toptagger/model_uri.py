@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from toptagger import storage
+from toptagger import mlflow_store, storage
 from toptagger.constants import CACHE_ROOT
 from toptagger.errors import ConfigError, StorageError
 
@@ -50,7 +50,8 @@ def resolve(uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     ref = uri[len(REGISTRY_SCHEME) :]
-    client = MlflowClient()
+    store = mlflow_store.reading_uri()
+    client = MlflowClient(tracking_uri=store)
     try:
         if "@" in ref:
             name, alias = ref.split("@", 1)
@@ -61,7 +62,7 @@ def resolve(uri: str) -> str:
                 raise ConfigError(f"{uri}: name a version or an alias (models:/NAME/VERSION or models:/NAME@ALIAS)")
         return str(client.get_model_version_download_uri(name, version))
     except MlflowException as exc:
-        raise ConfigError(f"{uri}: {exc.message}") from None
+        raise ConfigError(f"{uri}: {exc.message} (MLflow store {store})") from None
 
 
 def fetch(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
@@ -120,9 +121,12 @@ def _download_mlflow(uri: str, dest: Path) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    store = mlflow_store.reading_uri()
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dest), tracking_uri=store, registry_uri=store
+        )
     except MlflowException as exc:
-        raise StorageError(f"{uri}: cannot resolve in MLflow at {mlflow.get_tracking_uri()} ({exc.message})") from None
+        raise StorageError(f"{uri}: cannot resolve in MLflow at {store} ({exc.message})") from None
     except OSError as exc:
         raise StorageError(f"{uri}: cannot download the model's artifacts ({exc})") from None

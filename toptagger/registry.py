@@ -29,10 +29,10 @@ from typing import Any
 
 from toptagger.constants import CHALLENGER, CHAMPION
 from toptagger.errors import ConfigError, StorageError, TaggerError
+from toptagger.mlflow_store import TRACKING_ENV, local_store
 
 log = logging.getLogger(__name__)
 
-TRACKING_ENV = "MLFLOW_TRACKING_URI"
 # Where experiments created on the embedded store keep their artifacts (set with the local store).
 ARTIFACTS_ENV = "TOPTAGGER_MLFLOW_ARTIFACTS"
 PIPELINE_RUN_TAG = "pipeline_run_id"
@@ -47,12 +47,6 @@ class RegistryError(TaggerError, RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # Stores
-
-
-def local_store(state_dir: str | os.PathLike[str]) -> tuple[str, Path]:
-    """The embedded store of ``state_dir``: (``sqlite:///.../mlflow.db``, artifact folder)."""
-    root = Path(state_dir).resolve() / "mlflow"
-    return f"sqlite:///{root / 'mlflow.db'}", root / "artifacts"
 
 
 def use_local_store_unless_configured(state_dir: str | os.PathLike[str]) -> str:

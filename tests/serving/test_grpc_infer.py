@@ -139,9 +139,11 @@ def model_infer(
     return asyncio.run(servicer.ModelInfer(request, context))  # type: ignore[arg-type]
 
 
-def aborted(servicer: TaggerServicer, request: pb.ModelInferRequest, **context: tuple) -> RecordingContext:
+def aborted(
+    servicer: TaggerServicer, request: pb.ModelInferRequest, metadata: tuple[tuple[str, str], ...] = ()
+) -> RecordingContext:
     """Run ``ModelInfer``, which must abort; return the context holding the status it sent."""
-    recording = RecordingContext(**context)
+    recording = RecordingContext(metadata)
     with pytest.raises(grpc.aio.AbortError):
         model_infer(servicer, request, recording)
     assert recording.code is not None

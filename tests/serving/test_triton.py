@@ -3,8 +3,11 @@
 Covers ``model_config`` before load (name, platform and backend only), after load (maximum batch
 size, tensor names and dims without the batch dimension, the dynamic-batching delay in
 microseconds) and after a fallback (the backend that serves is named, not the one asked for);
-and ``model_statistics`` before load (empty) and after requests through the batcher, which
-CMSSW's SONIC reports read: rows, batches, requests, failures and one entry per batch size.
+``model_statistics`` before load (empty) and after requests through the batcher, which
+CMSSW's SONIC reports read: rows, batches, requests, failures and one entry per batch size; and
+the two RPC handlers' answer to a model name (NOT_FOUND for another model), called with a
+stand-in for grpc.aio's ServicerContext (which only a running server can build) that records the
+abort and raises as grpc's does.
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 from kserve.errors import InvalidInput
 
 from serving.predictor import BatchingOptions, TopTagger
-from serving.triton import PLATFORM, model_config, model_statistics
-from serving.triton_protos import model_config_pb2
+from serving.triton import PLATFORM, SERVICE, handler, model_config, model_statistics
+from serving.triton_protos import extensions_pb2, model_config_pb2
 from toptagger.images import ImageConfig
 from toptagger.jets.dataset import JetBatch
 from toptagger.model import TaggerConfig, build_model, save_model
@@ -170,3 +175,62 @@ def test_statistics_add_up_both_input_queues(fresh_tagger: TopTagger, jets: np.n
     assert (entry.inference_count, entry.execution_count) == (5, 1)
     assert model.batchers["images"].stats.execution_count == 0
     assert [(b.batch_size, b.compute_infer.count) for b in entry.batch_stats] == [(5, 1)]
+
+
+# --- the RPC handlers ----------------------------------------------------------------------------
+
+
+class RecordingContext:
+    """A stand-in for grpc.aio's ServicerContext: records the abort and raises as grpc does."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details: str | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self.code, self.details = code, details
+        raise grpc.aio.AbortError()
+
+
+@dataclass(frozen=True)
+class CallDetails:
+    """What grpc hands a generic handler to pick the method (grpc.HandlerCallDetails)."""
+
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...] = ()
+
+
+def call(model: TopTagger, method: str, request: object, context: RecordingContext) -> object:
+    rpc = handler(model).service(CallDetails(f"/{SERVICE}/{method}"))  # type: ignore[arg-type]
+    assert rpc is not None, f"no handler for {method}"
+    return asyncio.run(rpc.unary_unary(request, context))
+
+
+def test_model_config_rpc_answers_for_the_served_model_only(tagger: TopTagger) -> None:
+    context = RecordingContext()
+    answer = call(tagger, "ModelConfig", extensions_pb2.ModelConfigRequest(name="top-tagger"), context)
+    assert context.code is None
+    assert isinstance(answer, extensions_pb2.ModelConfigResponse)
+    assert answer.config == model_config(tagger)
+    for name in ("bottom-tagger", ""):  # SONIC always names the model it configures
+        context = RecordingContext()
+        with pytest.raises(grpc.aio.AbortError):
+            call(tagger, "ModelConfig", extensions_pb2.ModelConfigRequest(name=name), context)
+        assert context.code == grpc.StatusCode.NOT_FOUND
+        assert context.details == f"unknown model '{name}'; serving 'top-tagger'"
+
+
+def test_model_statistics_rpc_answers_for_the_served_model_or_all_models(tagger: TopTagger) -> None:
+    for name in ("top-tagger", ""):  # "" asks for every model: there is one
+        context = RecordingContext()
+        answer = call(tagger, "ModelStatistics", extensions_pb2.ModelStatisticsRequest(name=name), context)
+        assert context.code is None
+        assert isinstance(answer, extensions_pb2.ModelStatisticsResponse)
+        assert list(answer.model_stats) == [model_statistics(tagger)]
+    context = RecordingContext()
+    with pytest.raises(grpc.aio.AbortError):
+        call(tagger, "ModelStatistics", extensions_pb2.ModelStatisticsRequest(name="bottom-tagger"), context)
+    assert (context.code, context.details) == (
+        grpc.StatusCode.NOT_FOUND,
+        "unknown model 'bottom-tagger'; serving 'top-tagger'",
+    )

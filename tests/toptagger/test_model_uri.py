@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from toptagger import model_uri
-from toptagger.errors import ConfigError
+from toptagger.errors import ConfigError, StorageError
+from toptagger.mlflow_store import local_store
 
 URI = "s3://mlflow/3/models/m-0123456789abcdef/artifacts"
 
@@ -27,3 +28,28 @@ def test_resolve_model_uri_asks_the_mlflow_registry(tmp_path: Path, monkeypatch:
         model_uri.resolve("models:/top-tagger@nobody")
     with pytest.raises(ConfigError, match="name a version or an alias"):
         model_uri.resolve("models:/top-tagger")
+
+
+def test_without_a_tracking_uri_the_pipelines_local_store_is_read_and_none_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would create ./mlflow.db here
+    state = tmp_path / "state"
+    monkeypatch.setenv("STATE", str(state))
+    for uri in ("models:/top-tagger@champion", "runs:/0123/model"):
+        with pytest.raises(StorageError, match=rf"MLFLOW_TRACKING_URI is unset and .*{state}/mlflow/mlflow.db"):
+            model_uri.fetch(uri) if uri.startswith("runs:") else model_uri.resolve(uri)
+    assert not list(tmp_path.rglob("*.db")), "a command that only reads must not create a store"
+    # The store make demo leaves behind is found without any setting.
+    store, _ = local_store(state)
+    (state / "mlflow").mkdir(parents=True)
+    client = MlflowClient(tracking_uri=store)
+    client.create_registered_model("top-tagger")
+    version = client.create_model_version("top-tagger", source=URI).version
+    client.set_registered_model_alias("top-tagger", "champion", version)
+    assert model_uri.resolve("models:/top-tagger@champion") == URI
+    with pytest.raises(ConfigError, match=rf"MLflow store {store}"):
+        model_uri.resolve("models:/top-tagger@nobody")
