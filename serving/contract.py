@@ -24,6 +24,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.infer_type import InferRequest
 
+from toptagger.images import MAX_MOMENTUM_GEV
 from toptagger.signature import CONSTITUENTS, DATATYPE, IMAGES, Signature, TensorSpec
 
 T = TypeVar("T")
@@ -114,6 +115,12 @@ class Contract:
             raise InvalidInput(f"input '{name}': data does not match FP32 {shape}")
         if not np.isfinite(array).all():
             raise InvalidInput(f"input '{name}' contains NaN or Inf")
+        # Checked per request, not only when the merged batch is rendered: one bad request must
+        # not fail the others it would be batched with.
+        if name == CONSTITUENTS and max(float(array.max()), -float(array.min())) > MAX_MOMENTUM_GEV:
+            raise InvalidInput(
+                f"input '{name}' holds momenta beyond {MAX_MOMENTUM_GEV:.0e} GeV, whose squares overflow float32"
+            )
         return array
 
 

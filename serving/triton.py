@@ -37,7 +37,7 @@ def model_config(model: TopTagger) -> model_config_pb2.ModelConfig:
         config.input.add(name=spec.name, data_type=model_config_pb2.TYPE_FP32, dims=list(spec.dims))
     for spec in contract.outputs:
         config.output.add(name=spec.name, data_type=model_config_pb2.TYPE_FP32, dims=list(spec.dims))
-    config.dynamic_batching.max_queue_delay_microseconds = int(model.batching.max_latency_ms * 1000)
+    config.dynamic_batching.max_queue_delay_microseconds = round(model.batching.max_latency_ms * 1000)
     return config
 
 

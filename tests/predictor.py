@@ -6,10 +6,12 @@ that starts a predictor for a test of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+import torch
 
 from serving.process import LocalPredictor as Server
 from serving.process import free_port, start_local
@@ -17,18 +19,31 @@ from toptagger.images import ImageConfig
 from toptagger.model import TaggerConfig, build_model, save_model
 
 IMAGE_SIZE = 32
+# The full preprocessing switched on (centring, rotation, flip, normalisation).
+IMAGE_CONFIG = ImageConfig(image_size=IMAGE_SIZE, center="centroid", rotate=True, flip=True, normalize=True)
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved tagger with the full preprocessing switched on (centring, rotation, flip, norm)."""
-    import torch
-
+    """A saved tagger (seeded random weights) with :data:`IMAGE_CONFIG`."""
     torch.manual_seed(0)
-    config = TaggerConfig(
-        image=ImageConfig(image_size=IMAGE_SIZE, center="centroid", rotate=True, flip=True, normalize=True)
-    )
-    return save_model(build_model(config).eval(), tmp_path_factory.mktemp("model") / "tagger")
+    return save_model(build_model(TaggerConfig(image=IMAGE_CONFIG)).eval(), tmp_path_factory.mktemp("model") / "tagger")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The machine is shared: one intra-op thread, inherited by a predictor's device thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def on_device(model: Any, function: Callable[..., T], *args: object) -> T:
+    """Run ``function`` on an in-process predictor's device thread, where its batcher runs the backend."""
+    assert model.device_thread is not None
+    return model.device_thread.submit(function, *args).result()
 
 
 def start_server(model_uri: str | Path, *extra: str, wait_ready: bool = True, grpc_port: int | None = None) -> Server:

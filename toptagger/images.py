@@ -44,6 +44,8 @@ PAPER_IMAGE_SIZE = 224
 # per particle.
 BLOCK_ELEMENTS = 96 * 1024
 GPU_BLOCK_ELEMENTS = 64 * 1024 * 200
+# Largest |E|, |px|, |py|, |pz| accepted: squares (and sums of 200 of them) stay finite in float32.
+MAX_MOMENTUM_GEV = 1e15
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -94,7 +96,22 @@ def _check_options(image_size: object, half_width: object, center: object) -> No
         raise ConfigError(f"center must be one of {CENTERS}, got {center!r}")
 
 
-def _check_constituents(constituents: object) -> torch.Tensor:
+def _name_bad_jets(tensor: torch.Tensor) -> None:
+    """Raise the DataError that names the jets holding non-finite or overflowing values."""
+    finite = torch.isfinite(tensor).all(dim=2).all(dim=1)
+    bad = torch.nonzero(~finite).flatten()
+    if bad.numel():
+        raise DataError(
+            f"constituents hold NaN or infinite values in {bad.numel()} jet(s), first at index {int(bad[0])}"
+        )
+    huge = torch.nonzero((tensor.abs() > MAX_MOMENTUM_GEV).any(dim=2).any(dim=1)).flatten()
+    raise DataError(
+        f"constituents hold momenta beyond {MAX_MOMENTUM_GEV:.0e} GeV in {huge.numel()} jet(s), first at index "
+        f"{int(huge[0])}; their squares overflow float32 (the LHC's collisions carry 1.4e4 GeV)"
+    )
+
+
+def check_constituents(constituents: object) -> torch.Tensor:
     """The input as a float32 torch tensor (no copy for numpy), or a DataError naming the problem."""
     if isinstance(constituents, np.ndarray):
         if constituents.dtype != np.float32:
@@ -114,16 +131,12 @@ def _check_constituents(constituents: object) -> torch.Tensor:
         raise DataError(
             f"constituents must have shape [N, M, 4] (E, px, py, pz per constituent), got {list(tensor.shape)}"
         )
-    # A NaN or inf anywhere makes the sum non-finite; one reduction is far cheaper than isfinite
-    # on every element, and only a failing batch pays for the search that names the culprits.
-    if tensor.numel() and not bool(torch.isfinite(tensor.sum())):
-        finite = torch.isfinite(tensor).all(dim=2).all(dim=1)
-        bad = torch.nonzero(~finite).flatten()
-        if bad.numel() == 0:  # only the float32 sum overflowed; every value is finite
-            return tensor
-        raise DataError(
-            f"constituents hold NaN or infinite values in {bad.numel()} jet(s), first at index {int(bad[0])}"
-        )
+    # One pass finds NaN, inf and momenta whose squares would overflow float32 (pT, masses and
+    # moments square them); only a failing batch pays for the search that names the culprits.
+    if tensor.numel():
+        low, high = torch.aminmax(tensor)
+        if not (float(low) >= -MAX_MOMENTUM_GEV and float(high) <= MAX_MOMENTUM_GEV):
+            _name_bad_jets(tensor)
     return tensor
 
 
@@ -144,7 +157,7 @@ def jet_images(
     :class:`ConfigError` for impossible options.
     """
     options = ImageConfig(image_size, half_width, center, rotate, flip, normalize)  # checks the options
-    tensor = _check_constituents(constituents)
+    tensor = check_constituents(constituents)
     size = int(image_size)
     n = tensor.shape[0]
     out = torch.zeros((n, 1, size, size), dtype=torch.float32, device=tensor.device)

@@ -229,6 +229,18 @@ def test_nan_or_inf_anywhere_is_refused(transport: str, bad: float, name: str) -
         parse(transport, name, array)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("value", [2e15, -3e18], ids=["2e15", "-3e18"])
+def test_constituents_whose_squares_overflow_float32_are_refused_per_request(transport: str, value: float) -> None:
+    """Finite, but squared in pT and the moments they overflow: refused here, before the batch is rendered."""
+    array = constituents(2)
+    array[1, 0, 1] = value
+    with refused("input 'constituents' holds momenta beyond 1e+15 GeV"):
+        parse(transport, "constituents", array)
+    array[1, 0, 1] = 1e15  # the limit itself is accepted
+    assert parse(transport, "constituents", array)[0] == "constituents"
+
+
 # --- the number of inputs ------------------------------------------------------------------------
 
 

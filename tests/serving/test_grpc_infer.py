@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -33,15 +32,13 @@ from prometheus_client import REGISTRY
 from serving.errors import ServerOverloaded
 from serving.grpc_infer import RequestRefused, TaggerServicer, _refusal
 from serving.predictor import BatchingOptions, TopTagger
+from tests.predictor import on_device
 from toptagger.constants import MODEL_NAME
-from toptagger.images import ImageConfig, three_channels
+from toptagger.images import three_channels
 from toptagger.jets.dataset import JetBatch
-from toptagger.model import TaggerConfig, build_model, save_model
 
-IMAGE_CONFIG = ImageConfig(image_size=32, center="centroid", rotate=True, flip=True, normalize=True)
 # A one-request queue: a second request sent while the first waits is refused (RESOURCE_EXHAUSTED).
 BATCHING = BatchingOptions(max_batch_size=8, max_latency_ms=5.0, max_queue=1)
-T = TypeVar("T")
 
 
 class RecordingContext:
@@ -61,24 +58,8 @@ class RecordingContext:
 
 
 @pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """The machine is shared: one intra-op thread, inherited by the predictor's device thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
-    torch.manual_seed(0)
-    model = build_model(TaggerConfig(image=IMAGE_CONFIG)).eval()
-    return save_model(model, tmp_path_factory.mktemp("model") / "tagger")
-
-
-@pytest.fixture(scope="module")
-def tagger(saved_model: Path) -> Iterator[TopTagger]:
-    model = TopTagger(str(saved_model), backend="torch", batching=BATCHING)
+def tagger(model_dir: Path, one_torch_thread: None) -> Iterator[TopTagger]:
+    model = TopTagger(str(model_dir), backend="torch", batching=BATCHING)
     assert model.load(), model.not_ready_reason
     assert on_device(model, torch.get_num_threads) == 1
     yield model
@@ -106,12 +87,6 @@ def images(tagger: TopTagger, jets: np.ndarray) -> np.ndarray:
     """The jets as the CMSSW producer sends them: rendered, three copies, float32 [4, 3, 32, 32]."""
     assert tagger.backend is not None
     return np.ascontiguousarray(three_channels(on_device(tagger, tagger.backend.render, jets)))
-
-
-def on_device(model: TopTagger, function: Callable[..., T], *args: object) -> T:
-    """Run ``function`` on the predictor's device thread, where its batcher runs the backend."""
-    assert model.device_thread is not None
-    return model.device_thread.submit(function, *args).result()
 
 
 def infer_request(

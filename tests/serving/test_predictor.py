@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -27,37 +26,19 @@ from kserve.protocol.infer_type import InferInput, InferRequest
 from serving.contract import Contract
 from serving.errors import ServerOverloaded
 from serving.predictor import BatchingOptions, TopTagger
+from tests.predictor import IMAGE_CONFIG, on_device
 from tests.tolerances import resnet_logit_bound, softmax_bound
 from toptagger.constants import MODEL_NAME
-from toptagger.images import ImageConfig, jet_images, three_channels
+from toptagger.images import jet_images, three_channels
 from toptagger.jets.dataset import JetBatch
-from toptagger.model import TaggerConfig, build_model, save_model
 
-IMAGE_CONFIG = ImageConfig(image_size=32, center="centroid", rotate=True, flip=True, normalize=True)
 # max_queue 4: four requests can wait together (one merged batch of 8 rows), a fifth is refused.
 BATCHING = BatchingOptions(max_batch_size=8, max_latency_ms=5.0, max_queue=4)
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """The machine is shared: one intra-op thread, inherited by the predictor's device thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
-    torch.manual_seed(0)
-    model = build_model(TaggerConfig(image=IMAGE_CONFIG)).eval()
-    return save_model(model, tmp_path_factory.mktemp("model") / "tagger")
-
-
-@pytest.fixture(scope="module")
-def tagger(saved_model: Path) -> Iterator[TopTagger]:
-    model = TopTagger(str(saved_model), backend="torch", batching=BATCHING)
+def tagger(model_dir: Path, one_torch_thread: None) -> Iterator[TopTagger]:
+    model = TopTagger(str(model_dir), backend="torch", batching=BATCHING)
     # rounding_bound is a float32 bound for CPU kernels; on CUDA, cuDNN convolutions run in TF32
     # by default (torch.backends.cudnn.allow_tf32) and may use Winograd, which it does not cover.
     # The serving logic under test is the same on every device, so the backend is pinned to the
@@ -79,12 +60,6 @@ def jets(small_jets: JetBatch) -> np.ndarray:
     top = rng.choice(np.flatnonzero(small_jets.labels == 1), 3, replace=False)
     qcd = rng.choice(np.flatnonzero(small_jets.labels == 0), 3, replace=False)
     return np.ascontiguousarray(small_jets.constituents[np.concatenate([top, qcd])])
-
-
-def on_device(model: TopTagger, function: Callable[..., T], *args: object) -> T:
-    """Run ``function`` on the predictor's device thread, where its batcher runs the backend."""
-    assert model.device_thread is not None
-    return model.device_thread.submit(function, *args).result()
 
 
 def reference(model: TopTagger, images: np.ndarray) -> np.ndarray:
@@ -168,13 +143,13 @@ def test_load_of_a_missing_model_leaves_it_not_ready_with_the_reason(tmp_path: P
     assert model.get_input_types() == [] and model.get_output_types() == []
 
 
-def test_load_with_an_unknown_backend_leaves_it_not_ready_naming_the_backend(saved_model: Path) -> None:
-    model = TopTagger(str(saved_model), backend="tpu")
+def test_load_with_an_unknown_backend_leaves_it_not_ready_naming_the_backend(model_dir: Path) -> None:
+    model = TopTagger(str(model_dir), backend="tpu")
     assert model.load() is False
     assert not model.ready
     assert model.not_ready_reason is not None
     assert "unknown backend 'tpu'" in model.not_ready_reason
-    assert str(saved_model) in model.not_ready_reason
+    assert str(model_dir) in model.not_ready_reason
 
 
 # --- classify() ----------------------------------------------------------------------------------

@@ -21,35 +21,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from kserve.errors import InvalidInput
 
 from serving.predictor import BatchingOptions, TopTagger
 from serving.triton import PLATFORM, SERVICE, handler, model_config, model_statistics
 from serving.triton_protos import extensions_pb2, model_config_pb2
-from toptagger.images import ImageConfig
 from toptagger.jets.dataset import JetBatch
-from toptagger.model import TaggerConfig, build_model, save_model
 
-IMAGE_CONFIG = ImageConfig(image_size=32, center="centroid", rotate=True, flip=True, normalize=True)
 # 2.5 ms: a delay that is not a whole number of milliseconds, to see the conversion to microseconds
 BATCHING = BatchingOptions(max_batch_size=8, max_latency_ms=2.5, max_queue=16)
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """The machine is shared: one intra-op thread, inherited by the predictor's device thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
-    torch.manual_seed(0)
-    model = build_model(TaggerConfig(image=IMAGE_CONFIG)).eval()
-    return save_model(model, tmp_path_factory.mktemp("model") / "tagger")
 
 
 @contextmanager
@@ -63,15 +43,15 @@ def loaded(model: TopTagger) -> Iterator[TopTagger]:
 
 
 @pytest.fixture(scope="module")
-def tagger(saved_model: Path) -> Iterator[TopTagger]:
-    with loaded(TopTagger(str(saved_model), backend="torch", batching=BATCHING)) as model:
+def tagger(model_dir: Path, one_torch_thread: None) -> Iterator[TopTagger]:
+    with loaded(TopTagger(str(model_dir), backend="torch", batching=BATCHING)) as model:
         yield model
 
 
 @pytest.fixture
-def fresh_tagger(saved_model: Path) -> Iterator[TopTagger]:
+def fresh_tagger(model_dir: Path) -> Iterator[TopTagger]:
     """A newly loaded model whose statistics start at zero."""
-    with loaded(TopTagger(str(saved_model), backend="torch", batching=BATCHING)) as model:
+    with loaded(TopTagger(str(model_dir), backend="torch", batching=BATCHING)) as model:
         yield model
 
 
@@ -85,8 +65,8 @@ def jets(small_jets: JetBatch) -> np.ndarray:
 # --- ModelConfig ---------------------------------------------------------------------------------
 
 
-def test_config_before_load_has_only_name_platform_and_backend(saved_model: Path) -> None:
-    config = model_config(TopTagger(str(saved_model), backend="torch"))
+def test_config_before_load_has_only_name_platform_and_backend(model_dir: Path) -> None:
+    config = model_config(TopTagger(str(model_dir), backend="torch"))
     assert (config.name, config.platform, config.backend) == ("top-tagger", PLATFORM, "torch")
     assert config.max_batch_size == 0
     assert len(config.input) == 0 and len(config.output) == 0
@@ -106,10 +86,10 @@ def test_config_after_load_describes_the_tensors_without_the_batch_dimension(tag
     assert config.dynamic_batching.max_queue_delay_microseconds == 2500
 
 
-def test_config_names_the_backend_that_serves_after_a_fallback(saved_model: Path) -> None:
+def test_config_names_the_backend_that_serves_after_a_fallback(model_dir: Path) -> None:
     """Asked for OpenCL on a model folder without an OpenCL package, with torch as the fallback."""
     pytest.importorskip("pyopencl")  # the OpenCL backend imports it before it can fail over
-    model = TopTagger(str(saved_model), backend="opencl", fallback="torch", batching=BATCHING)
+    model = TopTagger(str(model_dir), backend="opencl", fallback="torch", batching=BATCHING)
     assert model_config(model).backend == "opencl"  # before load, the one asked for is all there is
     with loaded(model) as served:
         assert served.backend is not None and served.backend.kind == "torch"
@@ -122,8 +102,8 @@ def test_config_names_the_backend_that_serves_after_a_fallback(saved_model: Path
 # --- ModelStatistics -----------------------------------------------------------------------------
 
 
-def test_statistics_before_load_are_empty(saved_model: Path) -> None:
-    entry = model_statistics(TopTagger(str(saved_model), backend="torch"))
+def test_statistics_before_load_are_empty(model_dir: Path) -> None:
+    entry = model_statistics(TopTagger(str(model_dir), backend="torch"))
     assert (entry.name, entry.version) == ("top-tagger", "1")
     assert (entry.inference_count, entry.execution_count, entry.last_inference) == (0, 0, 0)
     assert not entry.HasField("inference_stats")

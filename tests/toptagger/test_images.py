@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from toptagger.errors import ConfigError, DataError
-from toptagger.images import ImageConfig, jet_images, three_channels
+from toptagger.images import MAX_MOMENTUM_GEV, ImageConfig, jet_images, three_channels
 from toptagger.jets.dataset import JetBatch
 from toptagger.jets.kinematics import eta as eta_of
 from toptagger.jets.kinematics import jet_four_momentum
@@ -210,6 +210,15 @@ def test_nan_names_the_jet() -> None:
     jets[3, 0, 2] = np.inf
     with pytest.raises(DataError, match="index 3"):
         jet_images(torch.from_numpy(jets), image_size=8)
+
+
+def test_momenta_whose_squares_overflow_are_named_not_rendered_into_garbage() -> None:
+    jets = make_jets([[100.0]] * 4, [[0.0]] * 4, [[0.0]] * 4)
+    jets[2, 0, 1] = 3e18  # finite, but pT^2 is not: the pixel index would be NaN
+    with pytest.raises(DataError, match=r"momenta beyond 1e\+15 GeV in 1 jet\(s\), first at index 2"):
+        jet_images(jets, image_size=8)
+    jets[2, 0, 1] = MAX_MOMENTUM_GEV
+    assert np.isfinite(jet_images(jets, image_size=8)).all()
 
 
 @pytest.mark.parametrize(
