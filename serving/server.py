@@ -34,6 +34,7 @@ from serving import metrics, triton
 from serving.errors import ServerOverloaded
 from serving.grpc_infer import KServeErrorsInterceptor, TaggerServicer
 from serving.predictor import TopTagger
+from toptagger.constants import MODEL_VERSION
 
 log = logging.getLogger("serving.server")
 access = logging.getLogger("serving.access")
@@ -141,6 +142,40 @@ def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int) -> No
 
     app.add_api_route("/v2/health/ready", server_ready, methods=["GET"])
     app.add_api_route("/v2/models/{model_name}/ready", model_ready, methods=["GET"])
+
+    # Triton's HTTP extensions (repository index, model configuration, statistics), as SONIC's
+    # gRPC calls have them on the other port: the same messages, as Triton writes them in JSON.
+    def unknown(model_name: str, version: str = "") -> JSONResponse | None:
+        if model_name != model.name:
+            return JSONResponse({"error": f"unknown model '{model_name}'; this server serves '{model.name}'"}, 404)
+        if version not in ("", MODEL_VERSION):
+            return JSONResponse({"error": f"unknown version '{version}' of '{model.name}'; serving '1'"}, 404)
+        return None
+
+    async def repository_index(request: Request) -> JSONResponse:
+        body = await request.body()
+        try:
+            ready_only = bool(json.loads(body).get("ready", False)) if body.strip() else False
+        except (ValueError, AttributeError):
+            return JSONResponse(
+                {"error": 'malformed request: the body must be a JSON object such as {"ready": true}'}, 400
+            )
+        entries = [triton.as_json(entry) for entry in triton.repository_index(model, ready_only).models]
+        # Triton writes the reason only for a model that has one.
+        return JSONResponse([{k: v for k, v in entry.items() if k != "reason" or v} for entry in entries])
+
+    async def model_config(model_name: str, version: str = "") -> JSONResponse:
+        return unknown(model_name, version) or JSONResponse(triton.as_json(triton.model_config(model)))
+
+    async def model_stats(model_name: str = "", version: str = "") -> JSONResponse:
+        refused = unknown(model_name, version) if model_name else None
+        return refused or JSONResponse({"model_stats": [triton.as_json(triton.model_statistics(model))]})
+
+    app.add_api_route("/v2/repository/index", repository_index, methods=["POST"])
+    for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
+        app.add_api_route(f"{prefix}/config", model_config, methods=["GET"])
+        app.add_api_route(f"{prefix}/stats", model_stats, methods=["GET"])
+    app.add_api_route("/v2/models/stats", model_stats, methods=["GET"])
 
     async def overloaded(_: Request, exc: ServerOverloaded) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=503, headers={"retry-after": "1"})

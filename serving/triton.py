@@ -1,16 +1,20 @@
-"""Triton's ``ModelConfig`` and ``ModelStatistics`` RPCs, served next to KServe's servicer.
+"""Triton's ``RepositoryIndex``, ``ModelConfig`` and ``ModelStatistics``, served next to KServe's servicer.
 
-CMSSW's ``TritonClient`` (SONIC) reads ``max_batch_size`` and the tensor specs from
-``ModelConfig`` in its constructor and reads ``ModelStatistics`` for its reports; stock KServe
-answers both with UNIMPLEMENTED. The handlers are ``async def`` because KServe's aio exception
-interceptor awaits every handler.
+CMSSW's ``TritonService`` asks every configured server for ``RepositoryIndex`` at job start and
+skips a server whose call fails; ``TritonClient`` (SONIC) then reads ``max_batch_size`` and the
+tensor specs from ``ModelConfig`` and reads ``ModelStatistics`` for its reports. Stock KServe
+answers all three with UNIMPLEMENTED. The gRPC handlers are ``async def`` because KServe's aio
+exception interceptor awaits every handler; :func:`as_json` gives the same messages in the form
+Triton's HTTP endpoints answer (``serving.server`` routes them).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from serving.batching import BatchStatistics
 from serving.triton_protos import extensions_pb2, model_config_pb2
@@ -63,7 +67,58 @@ def model_statistics(model: TopTagger) -> extensions_pb2.ModelStatistics:
     return entry
 
 
+def repository_index(model: TopTagger, ready_only: bool = False) -> extensions_pb2.RepositoryIndexResponse:
+    """The one model, with Triton's states: READY, or UNAVAILABLE with the reason it cannot load."""
+    index = extensions_pb2.RepositoryIndexResponse()
+    if model.ready:
+        index.models.add(name=model.name, version=MODEL_VERSION, state="READY")
+    elif not ready_only:
+        index.models.add(name=model.name, version=MODEL_VERSION, state="UNAVAILABLE", reason=model.not_ready_reason)
+    return index
+
+
+_INTEGERS = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+}
+
+
+def as_json(message: Message) -> dict[str, Any]:
+    """A message as Triton's HTTP API writes it: every field, proto names, 64-bit integers as numbers.
+
+    (protobuf's ``MessageToDict`` writes 64-bit integers as strings, which Triton's clients do not
+    expect, and leaves out fields at their default value.)
+    """
+    return {field.name: _field_json(field, getattr(message, field.name)) for field in message.DESCRIPTOR.fields}
+
+
+def _field_json(field: FieldDescriptor, value: Any) -> Any:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        value_field = field.message_type.fields_by_name["value"]
+        return {key: _value_json(value_field, item) for key, item in value.items()}
+    if field.label == FieldDescriptor.LABEL_REPEATED:
+        return [_value_json(field, item) for item in value]
+    return _value_json(field, value)
+
+
+def _value_json(field: FieldDescriptor, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return as_json(value)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return field.enum_type.values_by_number[value].name
+    if field.type in _INTEGERS:
+        return int(value)
+    return value
+
+
 def handler(model: TopTagger) -> grpc.GenericRpcHandler:
+    async def index(request: extensions_pb2.RepositoryIndexRequest, context: grpc.aio.ServicerContext):
+        return repository_index(model, ready_only=request.ready)
+
     async def config(request: extensions_pb2.ModelConfigRequest, context: grpc.aio.ServicerContext):
         if not _check_name(request.name, model, allow_empty=False):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{request.name}'; serving '{model.name}'")
@@ -77,6 +132,11 @@ def handler(model: TopTagger) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
+            "RepositoryIndex": grpc.unary_unary_rpc_method_handler(
+                index,
+                request_deserializer=extensions_pb2.RepositoryIndexRequest.FromString,
+                response_serializer=extensions_pb2.RepositoryIndexResponse.SerializeToString,
+            ),
             "ModelConfig": grpc.unary_unary_rpc_method_handler(
                 config,
                 request_deserializer=extensions_pb2.ModelConfigRequest.FromString,

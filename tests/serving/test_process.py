@@ -68,11 +68,13 @@ def test_local_mode_stops_a_predictor_that_never_gets_ready(stand_in_repo: Path)
 def champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A tagger (random weights) registered in a local MLflow registry as top-tagger@champion."""
     import mlflow
+    import torch
     from mlflow import MlflowClient
 
     from toptagger.model import TaggerConfig, build_model, save_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    torch.manual_seed(0)  # build_model initialises the weights from the global RNG
     model_dir = save_model(build_model(TaggerConfig()), tmp_path / "model")
     experiment = mlflow.create_experiment("deploy-test", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:

@@ -24,7 +24,7 @@ import pytest
 from kserve.errors import InvalidInput
 
 from serving.predictor import BatchingOptions, TopTagger
-from serving.triton import PLATFORM, SERVICE, handler, model_config, model_statistics
+from serving.triton import PLATFORM, SERVICE, as_json, handler, model_config, model_statistics, repository_index
 from serving.triton_protos import extensions_pb2, model_config_pb2
 from toptagger.jets.dataset import JetBatch
 
@@ -214,3 +214,29 @@ def test_model_statistics_rpc_answers_for_the_served_model_or_all_models(tagger:
         grpc.StatusCode.NOT_FOUND,
         "unknown model 'bottom-tagger'; serving 'top-tagger'",
     )
+
+
+# --- RepositoryIndex and the JSON form of Triton's HTTP API ---------------------------------------
+
+
+def test_repository_index_lists_the_model_ready_or_unavailable_with_the_reason(
+    tagger: TopTagger, tmp_path: Path
+) -> None:
+    assert [(m.name, m.version, m.state) for m in repository_index(tagger).models] == [("top-tagger", "1", "READY")]
+    assert len(repository_index(tagger, ready_only=True).models) == 1
+    broken = TopTagger(str(tmp_path / "missing"), backend="torch")
+    assert not broken.load()
+    (entry,) = repository_index(broken).models
+    assert entry.state == "UNAVAILABLE" and "missing" in entry.reason
+    assert not repository_index(broken, ready_only=True).models
+
+
+def test_json_form_writes_every_field_with_numbers_as_numbers(tagger: TopTagger) -> None:
+    config = as_json(model_config(tagger))
+    assert config["max_batch_size"] == 8 and isinstance(config["max_batch_size"], int)
+    assert config["input"][0]["dims"] == [3, 32, 32] and config["input"][0]["data_type"] == "TYPE_FP32"
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 2500
+    stats = as_json(model_statistics(tagger))
+    assert stats["version"] == "1" and isinstance(stats["inference_count"], int)
+    assert set(stats["inference_stats"]) >= {"success", "fail", "queue", "compute_infer"}
+    assert stats["inference_stats"]["queue"].keys() == {"count", "ns"}

@@ -26,6 +26,8 @@ def main() -> None:
     result: dict = {"images": images.tolist()}
 
     g = grpcclient.InferenceServerClient(grpc_url)
+    # CMSSW's TritonService asks for the repository index first and skips a server that fails it.
+    result["grpc_index"] = MessageToDict(g.get_model_repository_index(), preserving_proto_field_name=True)
     result["grpc_live"] = g.is_server_live()
     result["grpc_ready"] = g.is_model_ready(MODEL)
     result["config"] = MessageToDict(g.get_model_config(MODEL).config, preserving_proto_field_name=True)
@@ -47,6 +49,9 @@ def main() -> None:
     hanswer = h.infer(MODEL, [hin], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=True)])
     result["http_probabilities"] = hanswer.as_numpy("probabilities").tolist()
     result["http_metadata"] = h.get_model_metadata(MODEL)
+    result["http_index"] = h.get_model_repository_index()
+    result["http_config"] = h.get_model_config(MODEL)
+    result["http_statistics"] = h.get_inference_statistics(MODEL)
     print(json.dumps(result))
 
 
