@@ -75,7 +75,6 @@ class _Watch:
     start: dict[str, Any] = field(default_factory=dict)  # state at the start of the current phase
     seeded: set[str] = field(default_factory=set)  # seeded (before any draw) in this test
     drew_before_seed: set[str] = field(default_factory=set)  # drawn from before its seed in this test
-
     pending: list[str] = field(default_factory=list)  # found inside shared fixtures of this phase
 
     def reset(self) -> None:
@@ -98,7 +97,9 @@ _ORIGINALS: dict[tuple[Any, str], Callable[..., Any]] = {}
 def _seed_wrapper(rng: str, original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def seed(*args: Any, **kwargs: Any) -> Any:
-        if WATCH.active and rng not in WATCH.seeded:
+        # np.random.seed() without a value seeds from the OS: not reproducible, so not a seed here
+        value = args[0] if args else kwargs.get("seed")
+        if WATCH.active and rng not in WATCH.seeded and value is not None:
             if WATCH.moved(rng):
                 WATCH.drew_before_seed.add(rng)
             WATCH.seeded.add(rng)

@@ -79,6 +79,11 @@ def test_python_random_is_not_guarded():
     random.random()
 
 
+def test_seed_without_a_value_is_not_a_seed():
+    np.random.seed()
+    np.random.rand(3)
+
+
 def test_seeds_after_drawing_torch():
     torch.randn(3)
     torch.manual_seed(0)
@@ -128,6 +133,7 @@ FAIL = {
     "test_seeds_after_drawing_torch": ["the test body drew from " + TORCH, "before seeding it"],
     "test_seeds_after_drawing_numpy": ["the test body drew from " + NUMPY, "before seeding it"],
     "test_shared_fixture_seed_does_not_seed_the_body": ["the test body drew from " + TORCH],
+    "test_seed_without_a_value_is_not_a_seed": ["the test body drew from " + NUMPY, "without seeding it first"],
 }
 ERROR = {
     "test_unseeded_fixture": ["setup (fixtures) drew from " + TORCH, "without seeding it first in this test"],

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.serving import Point, closed_loop, compute_seconds, markdown, paired_latency, parse_list, summary_rows
 from serving.backends import TorchBackend
@@ -64,6 +65,7 @@ def test_busy_probe_measures_the_servers_compute_share(server: Server) -> None:
 
 
 def test_paired_latency_measures_both_sides(server: Server, model_dir: Path) -> None:
+    torch.manual_seed(0)  # load_model builds the network (random initialisation) before loading the weights
     backend = TorchBackend(model_dir, threads=1)
     image = np.random.default_rng(4).random((1, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     latency = paired_latency(server.grpc_url, backend, image, rounds=2, seconds=0.3)

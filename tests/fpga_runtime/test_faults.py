@@ -46,6 +46,7 @@ def test_plan_and_weights_disagree_on_a_shape(pkg_copy: Path) -> None:
 
 
 def test_weights_from_another_export(pkg_copy: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)  # ResNet() initialises its weights from the global RNG
     other = export_model(
         randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=2), seed=3),
         tmp_path / "other",
@@ -58,6 +59,7 @@ def test_weights_from_another_export(pkg_copy: Path, tmp_path: Path) -> None:
 
 
 def test_precision_missing_from_package(tmp_path: Path) -> None:
+    torch.manual_seed(0)  # ResNet() initialises its weights from the global RNG
     pkg = export_model(
         randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=2)), tmp_path / "p", ["fp32"], image_size=32
     )
@@ -66,6 +68,7 @@ def test_precision_missing_from_package(tmp_path: Path) -> None:
 
 
 def test_unsupported_layer_at_export(tmp_path: Path) -> None:
+    torch.manual_seed(0)  # the modules below initialise their weights from the global RNG
     with pytest.raises(UnsupportedLayerError, match="torchvision ResNets"):
         export_model(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), tmp_path / "a")
     grouped = ResNet(Bottleneck, [1, 1, 1, 1], groups=2, width_per_group=32)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.tolerances import image_sum_error
 from toptagger.errors import ConfigError, DataError
 from toptagger.images import ImageConfig
 from toptagger.jets.compact import trim_padding
@@ -50,7 +51,9 @@ def test_loader_renders_compact_constituents(small_jets: JetBatch) -> None:
     images, labels = batches[0]
     assert images.shape == (16, 1, 32, 32) and images.dtype == torch.float32
     assert labels.dtype == torch.int64
-    np.testing.assert_allclose(images.sum(dim=(1, 2, 3)).numpy(), 1.0, rtol=1e-5)
+    # normalised images: the pixel sum (in float64) is 1 up to the rounding of the largest jet's render
+    most = int((small_jets.constituents[:40, :, 0] != 0).sum(axis=1).max())
+    assert bool(((images.double().sum(dim=(1, 2, 3)) - 1.0).abs() <= image_sum_error(most)).all())
     # the order of an epoch is a function of (seed, epoch) only
     loader.epoch = 1
     first = [lab for _, lab in loader]
