@@ -8,6 +8,7 @@
 
 # No `from __future__ import annotations`: KFP reads the component's annotations as objects.
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 ROC_POINTS = 200  # the UI draws a few hundred points well; a full ROC has one per test jet
+ONNX_CHECK_FILE = "onnx_check.json"  # the ONNX export against torch on the test jets
 
 
 def evaluate(
@@ -45,6 +47,7 @@ def evaluate_step(
     from toptagger.evaluation.report import format_metric, write_report
     from toptagger.jets.compact import load_jets
     from toptagger.model import load_model
+    from toptagger.onnx_export import ONNX_FILE, compare, top_probabilities
     from toptagger.training.trainer import MODEL_DIR
 
     jets = load_jets(test_jets.path)
@@ -59,6 +62,13 @@ def evaluate_step(
         metrics.log_metric(key, value)
     evaluation.metadata.update(flat)
     log_roc(roc, jets.labels, logit)
+    graph = Path(model.path) / MODEL_DIR / ONNX_FILE
+    if graph.is_file():  # the export the faster runtimes serve must agree with torch on these jets
+        check = compare(top_probabilities(graph, tagger, jets.constituents), probability, jets.labels)
+        (out / ONNX_CHECK_FILE).write_text(json.dumps(check, indent=2) + "\n")
+        for key, value in check.items():
+            metrics.log_metric(key, value)
+        evaluation.metadata.update(check)
     write_report(Path(report.path), result, out)
     net, base = result["network"], result["mass_window"]
     log.info(

@@ -57,6 +57,7 @@ def register_step(
     model: Any, evaluation: Any, fit_jets: Any, test_jets: Any, experiment: str, model_name: str, pipeline_run_id: str
 ) -> dict[str, Any]:
     """Log everything to the run of ``pipeline_run_id``, register a version of ``model_name``, run the gate."""
+    from components.evaluate import ONNX_CHECK_FILE
     from components.step import code_version, log
     from components.train import STATE_DICT_FILE
     from toptagger import model_uri, registry
@@ -71,6 +72,9 @@ def register_step(
     history = json.loads((model_root / HISTORY_FILE).read_text())
     evaluated = json.loads((Path(evaluation.path) / METRICS_FILE).read_text())
     metrics = flatten(evaluated)
+    onnx_check = Path(evaluation.path) / ONNX_CHECK_FILE
+    if onnx_check.is_file():
+        metrics |= json.loads(onnx_check.read_text())
     if "test_auc" not in metrics:
         raise DataError(f"{evaluation.path}/{METRICS_FILE} holds no network AUC")
     dataset_hash = str(fit_jets.metadata.get("dataset_sha256", ""))

@@ -8,6 +8,7 @@ derived from it, and the component's parameters are those of ``TrainConfig.from_
 The model output folder holds what serving and the registry need:
 
     model/model.safetensors, model/tagger.json   the tagger, loaded without pickle
+    model/model.onnx                              the ONNX graph (``--backend onnxruntime`` / ``openvino``)
     model/opencl/plan.json, weights-fp32...      the fpga_runtime package (``--backend opencl``)
     state_dict.pt                                 the torch state_dict (tensors only)
     training.json                                 per-epoch history and the training config
@@ -121,6 +122,7 @@ def export(folder: Path, out: Path, image_size: int) -> None:
 
     from fpga_runtime.export import export_model
     from toptagger.model import load_model
+    from toptagger.onnx_export import export_onnx
     from toptagger.training.trainer import HISTORY_FILE, MODEL_DIR
 
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +133,7 @@ def export(folder: Path, out: Path, image_size: int) -> None:
     tagger = load_model(out / MODEL_DIR)
     torch.save(tagger.state_dict(), out / STATE_DICT_FILE)
     export_model(tagger, out / MODEL_DIR / OPENCL_DIR, OPENCL_PRECISIONS, image_size=image_size, overwrite=True)
+    export_onnx(tagger, out / MODEL_DIR)  # for the onnxruntime and openvino backends
 
 
 # --------------------------------------------------------------------------------------------

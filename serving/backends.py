@@ -13,6 +13,8 @@ stays instant.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +56,12 @@ class Backend(ABC):
     @abstractmethod
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Images float32 [N, C, S, S] (C = 1, or the model's 3) -> probabilities [N, 2] (qcd, top)."""
+
+    def _model_channels(self, images: np.ndarray) -> np.ndarray:
+        """1-channel images as the 3 identical channels a 3-channel network takes (a broadcast view)."""
+        if images.shape[1] != self.channels:
+            images = np.broadcast_to(images, (images.shape[0], self.channels, *images.shape[2:]))
+        return np.ascontiguousarray(images, dtype=np.float32)
 
 
 class TorchBackend(Backend):
@@ -107,12 +115,91 @@ class OpenCLBackend(Backend):
         self.description = f"opencl ({precision}) on {self.engine.info.label()} ({self.engine.info.kind})"
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        if images.shape[1] != self.channels:  # 1-channel images for a 3-channel network
-            images = np.broadcast_to(images, (images.shape[0], self.channels, *images.shape[2:]))
-        return self.engine.predict(np.ascontiguousarray(images, dtype=np.float32))
+        return self.engine.predict(self._model_channels(images))
 
 
-BACKENDS: dict[str, type[Backend]] = {"torch": TorchBackend, "opencl": OpenCLBackend}
+def cpu_limit() -> int:
+    """Cores this process may use: its cgroup CPU limit (a pod's ``limits.cpu``), else its CPU affinity."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return len(os.sched_getaffinity(0))
+
+
+def _onnx_graph(model_dir: Path) -> Path:
+    from toptagger.onnx_export import ONNX_FILE
+
+    path = model_dir / ONNX_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{model_dir}: no {ONNX_FILE} (the train step writes it; for an older model: "
+            f"python -m toptagger.onnx_export {model_dir})"
+        )
+    return path
+
+
+class OnnxRuntimeBackend(Backend):
+    """The exported graph on ONNX Runtime's CPU provider, one intra-op thread per core of the limit."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, model_dir: Path) -> None:
+        import onnxruntime as ort
+
+        from toptagger.model import read_config
+
+        config = read_config(model_dir)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = cpu_limit(), 1
+        self.session = ort.InferenceSession(str(_onnx_graph(model_dir)), options, providers=["CPUExecutionProvider"])
+        self.image_config, self.channels = config.image, config.in_channels
+        self.description = f"onnxruntime {ort.__version__} on CPU ({options.intra_op_num_threads} threads)"
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        from toptagger.onnx_export import INPUT, softmax
+
+        (logits,) = self.session.run(None, {INPUT: self._model_channels(images)})
+        return softmax(logits).astype(np.float32)
+
+
+class OpenVINOBackend(Backend):
+    """The exported graph compiled by OpenVINO for the CPU, latency hint, float32 arithmetic.
+
+    OpenVINO would run bfloat16 on CPUs that have it (AVX-512 BF16): faster, but its top
+    probabilities then differ from torch's by more than the 1e-3 the export is held to.
+    """
+
+    kind = "openvino"
+
+    def __init__(self, model_dir: Path) -> None:
+        import openvino as ov
+
+        from toptagger.model import read_config
+
+        config = read_config(model_dir)
+        threads = cpu_limit()
+        settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+        compiled = ov.Core().compile_model(str(_onnx_graph(model_dir)), "CPU", settings)
+        self.request = compiled.create_infer_request()
+        self.image_config, self.channels = config.image, config.in_channels
+        self.description = f"openvino {ov.__version__} on CPU ({threads} threads, f32)"
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        from toptagger.onnx_export import softmax
+
+        logits = self.request.infer([self._model_channels(images)])[0]
+        return softmax(np.asarray(logits)).astype(np.float32)
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    "torch": TorchBackend,
+    "onnxruntime": OnnxRuntimeBackend,
+    "openvino": OpenVINOBackend,
+    "opencl": OpenCLBackend,
+}
 
 
 def load_backend(model_uri: str, backend: str = "torch", fallback: str | None = None) -> Backend:

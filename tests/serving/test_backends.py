@@ -105,3 +105,42 @@ def test_required_accelerator_missing_means_not_ready(opencl_model_dir: Path, mo
 
 def test_model_without_opencl_package_is_not_ready_with_the_reason(model_dir: Path, tmp_path: Path) -> None:
     assert "no OpenCL package" in not_ready_reason(model_dir, "--backend", "opencl")
+
+
+@pytest.fixture(scope="module")
+def onnx_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The serving tests' tagger with its ONNX graph, as the train step writes it."""
+    from toptagger.onnx_export import export_onnx
+
+    folder = tmp_path_factory.mktemp("onnx-model") / "tagger"
+    shutil.copytree(model_dir, folder)
+    with torch.random.fork_rng(devices=[]):
+        export_onnx(load_model(folder), folder)
+    return folder
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_onnx_runtimes_serve_what_torch_computes(backend: str, onnx_model_dir: Path, small_jets: JetBatch) -> None:
+    torch.manual_seed(0)  # TorchBackend builds the network (random initialisation) before loading the weights
+    reference = TorchBackend(onnx_model_dir, threads=1)
+    jets = small_jets.constituents[:5]
+    expected = reference.predict(reference.render(jets))
+    # two float32 evaluations (the runtime in the server, torch here), each rendering the jets
+    tolerance = tagger_probability_bound(reference.model, reference.render(jets), jets)
+    server = start_server(onnx_model_dir, "--backend", backend)
+    try:
+
+        async def ask() -> np.ndarray:
+            async with TaggerClient(server.grpc_url) as client:
+                return await client.infer(constituents=jets)
+
+        assert np.all(np.abs(asyncio.run(ask()) - expected) <= tolerance)
+        config = httpx.get(f"{server.url}/v2/models/top-tagger/config").json()
+        assert config["backend"] == backend
+    finally:
+        stop_server(server)
+
+
+def test_a_model_without_its_onnx_graph_is_not_ready_with_the_reason(model_dir: Path) -> None:
+    reason = not_ready_reason(model_dir, "--backend", "onnxruntime")
+    assert "no model.onnx" in reason and "python -m toptagger.onnx_export" in reason
