@@ -19,7 +19,6 @@ from torchvision.models.resnet import ResNet
 
 from toptagger import storage
 from toptagger.errors import DataError
-from toptagger.evaluation.metrics import auc, roc_curve
 from toptagger.model import JetTagger
 
 ONNX_FILE = "model.onnx"
@@ -85,6 +84,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def compare(onnx_probabilities: np.ndarray, torch_probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """How an exported graph's top probabilities agree with torch's on the same jets; DataError beyond the bounds."""
+    from toptagger.evaluation.metrics import auc, roc_curve  # evaluation's, not the predictor's: imported here
+
     difference = float(np.abs(onnx_probabilities - torch_probabilities).max())
     aucs = [float(auc(*roc_curve(labels, p)[:2])) for p in (torch_probabilities, onnx_probabilities)]
     result = {

@@ -1,6 +1,6 @@
 """The predictor's image copies only what the predictor runs, and the predictor imports nothing else.
 
-The modules a predictor imports (start-up, a torch model loaded, the OpenCL engine's modules) are
+The modules a predictor imports (start-up, a model loaded on each CPU backend, the OpenCL engine) are
 read off a real process; each must lie in a path that serving/Dockerfile (and Dockerfile.fpga)
 copies, and none may be generator, training, registry, deploy, pipeline or benchmark code.
 """
@@ -35,8 +35,12 @@ from toptagger.model import TaggerConfig, build_model, save_model
 folder = save_model(build_model(TaggerConfig()).eval(), tempfile.mkdtemp() + "/tagger")
 import serving.__main__, serving.server
 from serving.predictor import TopTagger
-model = TopTagger(str(folder), backend="torch")
-assert model.load(), model.not_ready_reason
+from toptagger.onnx_export import export_onnx
+from toptagger.model import load_model
+export_onnx(load_model(folder), folder)
+for backend in ("torch", "onnxruntime", "openvino"):
+    model = TopTagger(str(folder), backend=backend)
+    assert model.load(), model.not_ready_reason
 import fpga_runtime.engine, fpga_runtime.devices  # what the opencl backend imports
 print(json.dumps(sorted({m.__file__ for name, m in sys.modules.items()
                          if name.split(".")[0] in PROJECT and getattr(m, "__file__", None)})))
