@@ -62,7 +62,7 @@ def resolve(uri: str) -> str:
                 raise ConfigError(f"{uri}: name a version or an alias (models:/NAME/VERSION or models:/NAME@ALIAS)")
         return str(client.get_model_version_download_uri(name, version))
     except MlflowException as exc:
-        raise ConfigError(f"{uri}: {exc.message} (MLflow store {store})") from None
+        raise StorageError(f"{uri}: cannot resolve in MLflow at {store} ({exc.message})") from None
 
 
 def fetch(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
@@ -74,6 +74,9 @@ def fetch(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
     uri = str(uri)
     if not uri:
         raise StorageError("empty model URI")
+    if uri.startswith(REGISTRY_SCHEME):
+        # Where the version's files are (a folder of the local store, s3://, ...), then those.
+        return fetch(resolve(uri), cache)
     if not (storage.is_s3(uri) or is_mlflow_uri(uri)):
         path = Path(uri.removeprefix("file://"))
         if not path.exists():

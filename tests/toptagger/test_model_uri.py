@@ -24,7 +24,7 @@ def test_resolve_model_uri_asks_the_mlflow_registry(tmp_path: Path, monkeypatch:
     assert model_uri.resolve("models:/top-tagger@champion") == URI
     assert model_uri.resolve(f"models:/top-tagger/{version}") == URI
     assert model_uri.resolve(URI) == URI
-    with pytest.raises(ConfigError, match="models:/top-tagger@nobody"):
+    with pytest.raises(StorageError, match="models:/top-tagger@nobody: cannot resolve in MLflow at sqlite:"):
         model_uri.resolve("models:/top-tagger@nobody")
     with pytest.raises(ConfigError, match="name a version or an alias"):
         model_uri.resolve("models:/top-tagger")
@@ -51,5 +51,5 @@ def test_without_a_tracking_uri_the_pipelines_local_store_is_read_and_none_is_cr
     version = client.create_model_version("top-tagger", source=URI).version
     client.set_registered_model_alias("top-tagger", "champion", version)
     assert model_uri.resolve("models:/top-tagger@champion") == URI
-    with pytest.raises(ConfigError, match=rf"MLflow store {store}"):
+    with pytest.raises(StorageError, match=rf"cannot resolve in MLflow at {store}"):
         model_uri.resolve("models:/top-tagger@nobody")
