@@ -30,16 +30,14 @@ def test_fold_bn_matches_conv_then_bn(model50: torch.nn.Module) -> None:
     w, b = fold_bn(conv, bn)
     w64 = torch.from_numpy(w).double().permute(0, 3, 1, 2)
     b64 = torch.from_numpy(b).double()
-    # Reference: conv then batch-norm in float64 from the unfolded (float32) parameters.
-    ref = F.batch_norm(
-        F.conv2d(x, conv.weight.detach().double(), None, conv.stride, conv.padding),
-        bn.running_mean.double(),
-        bn.running_var.double(),
-        bn.weight.detach().double(),
-        bn.bias.detach().double(),
-        training=False,
-        eps=bn.eps,
-    )
+
+    def conv_then_bn(eps: float) -> torch.Tensor:
+        """The reference: conv then batch-norm in float64 from the unfolded (float32) parameters."""
+        y = F.conv2d(x, conv.weight.detach().double(), None, conv.stride, conv.padding)
+        mean, var, gamma, beta = (t.detach().double() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias))
+        return F.batch_norm(y, mean, var, gamma, beta, training=False, eps=eps)
+
+    ref = conv_then_bn(bn.eps)
     got = F.conv2d(x, w64, b64, conv.stride, conv.padding)
     # fold_bn computes in float64 and rounds each folded weight and bias to float32 once: a relative
     # error of at most u per value, so |got - exact| <= u (|w| conv |x| + |b|) elementwise. Factor 2:
@@ -48,15 +46,7 @@ def test_fold_bn_matches_conv_then_bn(model50: torch.nn.Module) -> None:
     bound = 2 * EPS32 * (F.conv2d(x.abs(), w64.abs(), None, conv.stride, conv.padding) + b64.abs()[None, :, None, None])
     assert bool(((got - ref).abs() <= bound).all()), float(((got - ref).abs() / bound).max())
     # ... and the bound is tight enough to see a real mistake, e.g. an eps left out of the fold.
-    wrong = F.batch_norm(
-        F.conv2d(x, conv.weight.detach().double(), None, conv.stride, conv.padding),
-        bn.running_mean.double(),
-        bn.running_var.double(),
-        bn.weight.detach().double(),
-        bn.bias.detach().double(),
-        training=False,
-        eps=0.0,
-    )
+    wrong = conv_then_bn(0.0)
     assert not bool(((got - wrong).abs() <= bound).all())
     assert float(bn.running_mean.abs().max()) > 0.1  # the statistics really are non-trivial
 
