@@ -57,7 +57,7 @@ demo: $(STAMP)  ## the pipeline through kfp.local (generate or DATASET=path-or-s
 	@mkdir -p $(STATE)
 	$(PY) -m pipelines.run --state $(STATE) --dataset "$(DATASET)"
 	STATE=$(abspath $(STATE)) $(PY) -m serving.bench --model-uri models:/top-tagger@champion --clients 1,16 --batch-sizes 1 \
-	  --protocols grpc --inputs images,constituents --seconds 2 --no-stock --out $(STATE)/serving-bench
+	  --protocols grpc --inputs images,constituents --seconds 4 --no-stock --out $(STATE)/serving-bench
 
 pipeline: $(STAMP)  ## compile the pipeline for a cluster: manifests/pipelines/top_tagging.yaml
 	$(PY) -m pipelines.compile

@@ -325,6 +325,19 @@ def _groups(points: list[Point], **fixed: int) -> dict[tuple[str, str], list[Poi
     return groups
 
 
+# A served rate cannot beat the same model called in-process: a ratio above this is noise in one of
+# the two measurements (the machine's speed drifts), and is flagged instead of reported.
+MAX_RATIO_TO_BOUND = 1.05
+
+
+def bounded_ratio(value: float, bound: float, name: str) -> str:
+    """``0.87× <name>``, or that ratio flagged as a measurement error where it exceeds its in-process bound."""
+    ratio = value / bound
+    if ratio > MAX_RATIO_TO_BOUND:
+        return f"{ratio:.2f}× {name} (MEASUREMENT ERROR: above its in-process bound; measure longer, --seconds)"
+    return f"{ratio:.2f}× {name}"
+
+
 def summary_rows(
     points: list[Point], ceiling: dict, wire: dict, headline_clients: int, latency: dict | None = None
 ) -> list[tuple[str, str, str]]:
@@ -348,7 +361,8 @@ def summary_rows(
         rows.append(
             (
                 f"ours, {headline_clients} gRPC clients, batch 1",
-                f"{ours.rows_per_s:.0f} jets/s = {ours.rows_per_s / ceiling['best_throughput']:.2f}× ceiling"
+                f"{ours.rows_per_s:.0f} jets/s = "
+                + bounded_ratio(ours.rows_per_s, ceiling["best_throughput"], "ceiling")
                 + (f"; model busy {ours.device_busy:.0%} of the time" if ours.device_busy is not None else ""),
                 "≥ 0.9× ceiling",
             )
@@ -362,7 +376,7 @@ def summary_rows(
                     f"in-process at batch {headline_clients} (the largest batch {headline_clients} batch-1 clients "
                     "can form)",
                     f"{bound:.0f} jets/s = {bound / ceiling['best_throughput']:.2f}× ceiling; ours = "
-                    f"{ours.rows_per_s / bound:.2f}× this bound",
+                    f"{bounded_ratio(ours.rows_per_s, bound, 'this bound')}",
                     "—",
                 )
             )
@@ -418,7 +432,7 @@ def run(args: argparse.Namespace) -> dict:
     backend = load_backend(args.model_uri, "torch")  # first: a bad URI fails before any generation
     jets, images = sample_inputs(backend)
     ceiling_batches = sorted({1, *args.batch_sizes, args.headline_clients, 32, 64})
-    ceiling = in_process_ceiling(backend, images, ceiling_batches, args.seconds / 2)
+    ceiling = in_process_ceiling(backend, images, ceiling_batches, args.seconds)
     latency = None
     payloads = {"images": images, "constituents": jets}
     plan = [(c, 1) for c in args.clients] + [(1, b) for b in args.batch_sizes if b != 1]

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.serving import Point, closed_loop, compute_seconds, markdown, paired_latency, parse_list, summary_rows
+from benchmarks.serving import (
+    Point,
+    bounded_ratio,
+    closed_loop,
+    compute_seconds,
+    markdown,
+    paired_latency,
+    parse_list,
+    summary_rows,
+)
 from serving.backends import TorchBackend
 from tests.predictor import IMAGE_SIZE, Server
 
@@ -44,6 +53,15 @@ def test_summary_reports_each_ratio_from_the_points() -> None:
     assert rows["batch-1 latency, 1 gRPC client (4 alternating slices with in-process)"].endswith("= 1.30× p50")
     assert "184× smaller" in rows["bytes per jet on the wire (gRPC)"]
     assert "| ours | grpc | images | 16 | 1 | 208 |" in markdown(summary_rows(points, CEILING, WIRE, 16), points)
+
+
+def test_a_ratio_above_its_in_process_bound_is_flagged_not_reported() -> None:
+    """The make demo trust bug: '16 clients = 2.34x ceiling' from a ceiling measured too briefly."""
+    rows = {name: result for name, result, _ in summary_rows([point("ours", 16, 562)], CEILING, WIRE, 16)}
+    assert "2.16× ceiling (MEASUREMENT ERROR: above its in-process bound" in rows["ours, 16 gRPC clients, batch 1"]
+    bound = next(result for name, result in rows.items() if name.startswith("in-process at batch 16"))
+    assert "ours = 2.34× this bound (MEASUREMENT ERROR" in bound
+    assert bounded_ratio(104, 100, "ceiling") == "1.04× ceiling"  # within noise of the bound: a result
 
 
 def test_model_busy_share_is_reported_where_measured() -> None:
