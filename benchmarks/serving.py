@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.backends import Backend, load_backend
+from benchmarks.common import machine
+from serving.backends import BACKENDS, Backend, load_backend
 from serving.client import InferenceFailed, TaggerClient
 from serving.process import free_port, start_local
 from toptagger.cli import positive_int, run_cli
@@ -429,7 +429,8 @@ def run(args: argparse.Namespace) -> dict:
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    backend = load_backend(args.model_uri, "torch")  # first: a bad URI fails before any generation
+    # First: a bad URI fails before any generation. The ceiling is this backend's, in-process.
+    backend = load_backend(args.model_uri, args.backend)
     jets, images = sample_inputs(backend)
     ceiling_batches = sorted({1, *args.batch_sizes, args.headline_clients, 32, 64})
     ceiling = in_process_ceiling(backend, images, ceiling_batches, args.seconds)
@@ -438,6 +439,7 @@ def run(args: argparse.Namespace) -> dict:
     plan = [(c, 1) for c in args.clients] + [(1, b) for b in args.batch_sizes if b != 1]
     points: list[Point] = []
     server_options = ["--max-batch-size", str(args.max_batch_size), "--max-latency-ms", str(args.max_latency_ms)]
+    server_options += ["--backend", args.backend]
     with running_server("serving", args.model_uri, server_options) as urls:
         combos = [(p, k, c, b) for p in args.protocols for k in args.inputs for c, b in plan]
         for protocol, kind, clients, batch in tqdm(combos, desc="serving sweep", unit="point"):
@@ -460,8 +462,9 @@ def run(args: argparse.Namespace) -> dict:
         "points": [asdict(p) for p in points],
         "wire_bytes": wire,
         "summary": rows,
-        "machine": {"cpus": os.cpu_count()},
+        "machine": machine(),
         "model_uri": args.model_uri,
+        "backend": backend.description,
     }
     (out / "serving_bench.json").write_text(json.dumps(result, indent=2, default=str))
     pngs = plot(points, ceiling, out)
@@ -488,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--protocols", default="grpc,rest", type=lambda s: s.split(","))
     parser.add_argument("--inputs", default="images,constituents", type=lambda s: s.split(","))
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per point")
+    parser.add_argument("--backend", choices=list(BACKENDS), default="torch", help="our server's and the ceiling's")
     parser.add_argument("--max-batch-size", type=positive_int, default=16)
     parser.add_argument(
         "--max-latency-ms",
