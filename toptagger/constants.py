@@ -21,7 +21,7 @@ HTTP_PORT, GRPC_PORT = 8080, 8081
 
 # Constituent slots per jet in the reference format (pT-ordered, zero-padded); (E, px, py, pz) each.
 N_CONSTITUENTS = 200
-CONSTITUENT_COLUMNS = ("E", "px", "py", "pz")
+FOUR_VECTOR = ("E", "px", "py", "pz")
 
 # The kustomize overlays of the InferenceService (manifests/overlays/<overlay>): one per node pool.
 OVERLAYS = ("cpu", "gpu", "fpga")

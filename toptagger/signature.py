@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from toptagger.constants import CONSTITUENT_COLUMNS, N_CONSTITUENTS
+from toptagger.constants import FOUR_VECTOR, N_CONSTITUENTS
 
 IMAGES, CONSTITUENTS, PROBABILITIES = "images", "constituents", "probabilities"
 CLASSES = ("qcd", "top")
@@ -51,7 +51,7 @@ class Signature:
     def inputs(self) -> tuple[TensorSpec, TensorSpec]:
         return (
             TensorSpec(IMAGES, (self.channels, self.image_size, self.image_size)),
-            TensorSpec(CONSTITUENTS, (N_CONSTITUENTS, len(CONSTITUENT_COLUMNS)), CONSTITUENT_COLUMNS),
+            TensorSpec(CONSTITUENTS, (N_CONSTITUENTS, len(FOUR_VECTOR)), FOUR_VECTOR),
         )
 
     @property

@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 
 from toptagger import storage
+from toptagger.constants import N_CONSTITUENTS
 from toptagger.errors import DataError
 
 KEY = "table"
-N_CONSTITUENTS = 200
 CONSTITUENT_COLUMNS: tuple[str, ...] = tuple(
     f"{part}_{i}" for i in range(N_CONSTITUENTS) for part in ("E", "PX", "PY", "PZ")
 )
