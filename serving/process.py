@@ -153,9 +153,6 @@ def start_local(
         raise ConfigError("a model URI is needed (local path, s3:// URI or models:/ name)")
     if not (REPO / "serving" / "__main__.py").exists():
         raise ConfigError(f"{REPO / 'serving'} has no __main__.py: the predictor package is not installed here")
-    for name, port in (("HTTP", http_port), ("gRPC", grpc_port)):
-        if _port_in_use("127.0.0.1", port):
-            raise ConfigError(f"{name} port {port} is already in use on 127.0.0.1; choose another one")
     command = [python, "-m", "serving", "--model-uri", model_uri, "--http-port", str(http_port)]
     command += ["--grpc-port", str(grpc_port)]
     if backend:
@@ -164,16 +161,32 @@ def start_local(
     process_env = {**os.environ, "PROTOCOL": "v2", **(env or {})}
     # Keep the repository importable whatever the caller's working directory is.
     process_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), process_env.get("PYTHONPATH")]))
-    log_path = Path(tempfile.mkstemp(prefix="top-tagger-predictor-", suffix=".log")[1])
+    return launch(command, process_env, http_port, grpc_port, "predictor", timeout_s, wait_ready)
+
+
+def launch(
+    command: Sequence[str],
+    env: dict[str, str],
+    http_port: int,
+    grpc_port: int,
+    what: str,
+    timeout_s: float,
+    wait_ready: bool = True,
+) -> LocalPredictor:
+    """Start a v2 server process and return once ``/v2/health/ready`` answers 200 (see start_local)."""
+    for name, port in (("HTTP", http_port), ("gRPC", grpc_port)):
+        if _port_in_use("127.0.0.1", port):
+            raise ConfigError(f"{name} port {port} is already in use on 127.0.0.1; choose another one")
+    log_path = Path(tempfile.mkstemp(prefix=f"top-tagger-{what}-", suffix=".log")[1])
     log = log_path.open("wb")
-    process = subprocess.Popen(command, cwd=REPO, env=process_env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(list(command), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     predictor = LocalPredictor(process, http_port, grpc_port, log_path, _log=log)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             predictor.stop()
             raise LocalServingError(
-                f"the predictor exited with status {process.returncode} before it was ready "
+                f"the {what} exited with status {process.returncode} before it was ready "
                 f"(log {log_path}):\n{_log_tail(log_path)}"
             )
         ready, why = _readiness(predictor.url)
@@ -183,10 +196,9 @@ def start_local(
         # "not loaded yet" is final (e.g. the model cannot be read): no point waiting for it.
         if why and why != "not loaded yet":
             predictor.stop()
-            raise LocalServingError(f"the predictor on {predictor.url} is up but not ready: {why} (log {log_path})")
+            raise LocalServingError(f"the {what} on {predictor.url} is up but not ready: {why} (log {log_path})")
         time.sleep(0.25)
     predictor.stop()
     raise LocalServingError(
-        f"the predictor on {predictor.url} was not ready after {timeout_s:.0f} s "
-        f"(log {log_path}):\n{_log_tail(log_path)}"
+        f"the {what} on {predictor.url} was not ready after {timeout_s:.0f} s (log {log_path}):\n{_log_tail(log_path)}"
     )
