@@ -4,6 +4,9 @@ It is keyed by the pipeline run (or a key the user gives to resume a local run),
 a root that is a local folder (``.state/checkpoints`` when run locally) or an ``s3://`` prefix on
 a cluster, where a retried task starts in a fresh pod: the folder is then mirrored to S3 after
 every epoch by a small watcher thread, and fetched back before training starts.
+
+Under DDP every rank enters the folder (each fetches its own copy to resume from), but only
+rank 0 writes, so only rank 0 mirrors (``mirror=True``) and clears it.
 """
 
 from __future__ import annotations
@@ -32,14 +35,19 @@ def default_root() -> str:
 
 
 class CheckpointFolder:
-    """``with CheckpointFolder(root, key) as folder:`` gives a local folder; ``clear()`` deletes it."""
+    """``with CheckpointFolder(root, key) as folder:`` gives a local folder; ``clear()`` deletes it.
 
-    def __init__(self, root: str, key: str) -> None:
+    ``mirror=False`` (the ranks that do not write): fetch an S3 checkpoint, upload nothing, and
+    remove the local copy on leaving.
+    """
+
+    def __init__(self, root: str, key: str, mirror: bool = True) -> None:
         if not key:
             raise ConfigError("a checkpoint key (the pipeline run id) is needed")
         self.root = (root or default_root()).rstrip("/")
         self.key = re.sub(r"[^A-Za-z0-9._-]", "_", key)
         self.remote = f"{self.root}/{self.key}" if storage.is_s3(self.root) else None
+        self.mirror = mirror
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._uploaded_mtime = 0.0
@@ -54,8 +62,9 @@ class CheckpointFolder:
                 storage.download_dir(self.remote, self.local)
                 log.info("fetched the checkpoint of an earlier attempt from %s", self.remote)
             self._uploaded_mtime = self._mtime()
-            self._watcher = threading.Thread(target=self._watch, name="checkpoint-sync", daemon=True)
-            self._watcher.start()
+            if self.mirror:
+                self._watcher = threading.Thread(target=self._watch, name="checkpoint-sync", daemon=True)
+                self._watcher.start()
         else:
             self.local.mkdir(parents=True, exist_ok=True)
         return self.local
@@ -65,6 +74,8 @@ class CheckpointFolder:
             self._stop.set()
             self._watcher.join()
             self._sync()  # the last epoch, whatever the watcher saw
+        elif self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)  # a read-only copy
 
     def _mtime(self) -> float:
         path = self.local / CHECKPOINT_FILE

@@ -3,7 +3,8 @@
 - :class:`TrainConfig` holds every choice that shapes a run (stored in the checkpoint, so that
   ``--resume`` refuses other settings). Its fields and :class:`~toptagger.images.ImageConfig`'s
   carry their help text; :func:`add_arguments` turns them into ``python -m components.train``'s
-  flags and :func:`from_arguments` back into a config.
+  flags and :func:`from_arguments` back into a config; :func:`to_arguments` is the inverse (the
+  flags of a config, e.g. for a TrainJob's ``torchrun -m components.train`` command).
 - :meth:`TrainConfig.from_pipeline` is the one mapping from the pipeline's training parameters
   (names a KFP user sees, e.g. ``learning_rate``) onto the config. Its keyword parameters are the
   list of those parameters (:data:`PIPELINE_PARAMETERS`): the train component and the pipeline
@@ -30,6 +31,10 @@ from toptagger.model import TaggerConfig
 DEFAULT_IMAGE = ImageConfig(image_size=64, center="centroid", rotate=True, flip=True, normalize=True)
 
 
+# Autocast choices; "bf16" also runs on CPU, so the half-precision path is tested without a GPU.
+AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
+
+
 def _option(default: Any, help: str, **metadata: Any) -> Any:
     return field(default=default, metadata={"help": help, **metadata})
 
@@ -50,7 +55,12 @@ class TrainConfig:
     val_fraction: float = _option(0.15, "share of --data used for validation")
     test_fraction: float = _option(0.15, "share of --data held out (untouched) for testing")
     max_steps_per_epoch: int | None = _option(None, "cap on batches per epoch (quick runs)", type=positive_int)
-    amp: bool = _option(True, "mixed precision (bf16, else fp16) on CUDA")
+    amp: str = _option(
+        "auto",
+        "mixed precision: auto (bf16, else fp16 with a grad scaler, on CUDA; none on CPU), bf16 (also on CPU), "
+        "fp16 (CUDA) or off",
+        choices=AMP_MODES,
+    )
     # A separate validation file (path or s3://), e.g. the reference dataset's val.h5: then all of
     # the training data trains and the fractions are not used. Kept here so --resume checks it.
     val_data: str | None = _option(
@@ -68,6 +78,8 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         check_fractions(self.val_fraction, self.test_fraction)
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
 
     @property
     def tagger(self) -> TaggerConfig:
@@ -171,3 +183,29 @@ def from_arguments(args: argparse.Namespace, defaults: TrainConfig | None = None
     )
     values = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "image" and f.name in given}
     return dataclasses.replace(defaults, image=image, **values)
+
+
+def _flags(spec: dataclasses.Field, value: Any) -> list[str]:
+    flag = "--" + spec.name.replace("_", "-")
+    if spec.type == "bool":
+        return [flag if value else "--no-" + flag[2:]]
+    if value is None:
+        if spec.default is not None:
+            raise ConfigError(f"{spec.name}=None cannot be given as a flag (its default is {spec.default!r})")
+        return []  # None is the flag's default
+    return [flag, repr(value) if isinstance(value, float) else str(value)]
+
+
+def to_arguments(config: TrainConfig) -> list[str]:
+    """The ``python -m components.train`` flags that reproduce ``config`` (the inverse of :func:`from_arguments`).
+
+    Every setting is spelled out, so the command means the same if a default changes later;
+    floats are written with ``repr``, which reads back exactly.
+    """
+    args: list[str] = []
+    for spec in dataclasses.fields(ImageConfig):
+        args += _flags(spec, getattr(config.image, spec.name))
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.name != "image":
+            args += _flags(spec, getattr(config, spec.name))
+    return args
