@@ -60,6 +60,7 @@ FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ),
     ("data", "n_signal", "--signal", {"type": positive_int}),
     ("data", "n_background", "--background", {"type": positive_int}),
+    ("data", "n_shards", "--n-shards", {"type": positive_int}),
     ("data", "generator_workers", "--workers", {}),
     ("data", "val_fraction", "--val-fraction", {}),
     ("data", "test_fraction", "--test-fraction", {}),

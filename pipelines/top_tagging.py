@@ -26,28 +26,33 @@ from kfp.dsl import Dataset, Metrics
 from kfp.dsl.python_component import PythonComponent
 
 from components import data, deploy, evaluate, preprocess, register, train
+from pipelines.cluster import (  # the Secrets (created once per namespace) and the training pods' size
+    MLFLOW_KEYS,
+    MLFLOW_OPTIONAL_KEYS,
+    MLFLOW_SECRET,
+    S3_KEYS,
+    S3_OPTIONAL_KEYS,
+    S3_SECRET,
+    TRAIN_CPU,
+    TRAIN_MEMORY,
+)
 from pipelines.gpu_pool import GpuPool
 from toptagger.constants import EXPERIMENT, GRPC_PORT, HTTP_PORT, MODEL_NAME
 
 # The component functions, in pipeline order (pipelines.compile maps each to its file in kfp_config.ini).
-STEPS = (data.data, preprocess.preprocess, train.train, evaluate.evaluate, register.register, deploy.deploy)
+STEPS = (
+    data.plan_shards,
+    data.generate_shard,
+    data.data,
+    preprocess.preprocess,
+    train.train,
+    evaluate.evaluate,
+    register.register,
+    deploy.deploy,
+)
 
 # What `make images` builds and pushes (manifests/images.mk: $(REGISTRY)/components:$(TAG)).
 COMPONENTS_IMAGE = os.environ.get("TOPTAGGER_COMPONENTS_IMAGE", "registry.example.com/top-tagger/components:0.1.0")
-
-# The GPU node pool's defaults are NVIDIA's; `python -m pipelines.compile --gpu-...` sets others.
-TRAIN_CPU, TRAIN_MEMORY = "4", "32G"
-
-# Secrets (names and keys), created once per namespace; see docs/pipeline.md.
-S3_SECRET = "top-tagger-s3"
-S3_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-S3_OPTIONAL_KEYS = {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
-MLFLOW_SECRET = "top-tagger-mlflow"
-MLFLOW_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
-MLFLOW_OPTIONAL_KEYS = {
-    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
-}
 
 
 class Outputs(NamedTuple):
@@ -91,8 +96,10 @@ NVIDIA_POOL = GpuPool()
 
 
 class Components(NamedTuple):
-    """The six steps as KFP components, for one place to run."""
+    """The steps as KFP components, for one place to run."""
 
+    plan_shards: PythonComponent
+    generate_shard: PythonComponent
     data: PythonComponent
     preprocess: PythonComponent
     train: PythonComponent
@@ -109,6 +116,36 @@ def make_components(image: str, local: bool) -> Components:
     return Components(*(dsl.component(step, **options) for step in STEPS))
 
 
+def dataset_task(
+    c: Components, dataset_uri: str, n_shards: int, n_signal: int, n_background: int, seed: int, workers: int
+) -> dsl.PipelineTask:
+    """The data steps: the shards' generation fanned out with ``dsl.ParallelFor``, then one data task.
+
+    Without a dataset URI, each of ``n_shards`` tasks generates its share of the seeded blocks and
+    the data task merges them; with one, a single shard task generates nothing and the data task
+    copies the file. Returns the data task (its ``dataset`` output is the reference-format file).
+    """
+    plan = c.plan_shards(dataset_uri=dataset_uri, n_shards=n_shards)
+    with dsl.ParallelFor(plan.output) as shard:
+        shard_task = c.generate_shard(
+            dataset_uri=dataset_uri,
+            shard=shard,
+            n_shards=n_shards,
+            n_signal=n_signal,
+            n_background=n_background,
+            seed=seed,
+            workers=workers,
+        )
+    data_task = c.data(
+        dataset_uri=dataset_uri,
+        n_signal=n_signal,
+        n_background=n_background,
+        seed=seed,
+        shards=dsl.Collected(shard_task.outputs["jets"]),
+    )
+    return _with_secrets(data_task)
+
+
 def build_pipeline(
     image: str = COMPONENTS_IMAGE, local: bool = False, gpu_pool: GpuPool = NVIDIA_POOL
 ) -> dsl.graph_component.GraphComponent:
@@ -123,6 +160,7 @@ def build_pipeline(
         dataset_uri: str = "",
         n_signal: int = 3000,
         n_background: int = 3000,
+        n_shards: int = 1,
         generator_workers: int = 0,
         image_size: int = 40,
         epochs: int = 5,
@@ -152,7 +190,9 @@ def build_pipeline(
                 s3://bucket/key.h5). Empty: generate n_signal + n_background jets with Pythia8 + FastJet.
             n_signal: Top jets to generate (only when dataset_uri is empty).
             n_background: QCD jets to generate (only when dataset_uri is empty).
-            generator_workers: Processes for the generator; 0 uses every core.
+            n_shards: Generation tasks that share the jets' seeded blocks (only when dataset_uri is empty);
+                the same seed gives the same jets whatever the number.
+            generator_workers: Processes for the generator in each generation task; 0 uses every core.
             image_size: Jet image size in pixels (the paper: 224; 40 is fast on CPUs).
             epochs: Maximum training epochs (early stopping on validation AUC may stop sooner).
             batch_size: Training batch size.
@@ -177,10 +217,7 @@ def build_pipeline(
             http_port: HTTP port of the local predictor (deploy_target=local).
             grpc_port: gRPC port of the local predictor (deploy_target=local).
         """
-        data_task = c.data(
-            dataset_uri=dataset_uri, n_signal=n_signal, n_background=n_background, seed=seed, workers=generator_workers
-        )
-        _with_secrets(data_task)
+        data_task = dataset_task(c, dataset_uri, n_shards, n_signal, n_background, seed, generator_workers)
         preprocess_task = c.preprocess(
             dataset=data_task.outputs["dataset"], seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
         )

@@ -18,7 +18,12 @@ from pipelines import top_tagging
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "manifests" / "pipelines" / "top_tagging.yaml"
-STEPS = ["data", "preprocess", "train", "evaluate", "register", "deploy"]
+# The component functions and their files (the data module holds the generation's fan-out too).
+STEPS = ["plan_shards", "generate_shard", "data", "preprocess", "train", "evaluate", "register", "deploy"]
+FILES = {step: f"components/{step}.py" for step in STEPS} | {
+    "plan_shards": "components/data.py",
+    "generate_shard": "components/data.py",
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +62,12 @@ def test_parameters_have_defaults_and_descriptions(compiled: tuple[dict[str, Any
 def test_components_are_containerized_on_the_components_image(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert sorted(executors) == sorted(f"exec-{s}" for s in STEPS)
+    assert sorted(executors) == sorted(f"exec-{s.replace('_', '-')}" for s in STEPS)
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == top_tagging.COMPONENTS_IMAGE, name
         assert container["command"] == ["python3", "-m", "kfp.dsl.executor_main"], name
-        assert container["args"][-2:] == ["--function_to_execute", name.removeprefix("exec-")]
+        assert container["args"][-2:] == ["--function_to_execute", name.removeprefix("exec-").replace("-", "_")]
         assert "pip install" not in json.dumps(container), name  # everything is in the image
 
 
@@ -73,7 +78,9 @@ def test_training_asks_for_the_gpu_pool(compiled: tuple[dict[str, Any], dict[str
     assert resources["accelerator"]["resourceCount"] == "1"
     assert k8s["exec-train"]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
     assert k8s["exec-train"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    for other in ("exec-data", "exec-preprocess", "exec-evaluate", "exec-register", "exec-deploy"):
+    others = ("exec-plan-shards", "exec-generate-shard", "exec-data", "exec-preprocess", "exec-evaluate",
+              "exec-register", "exec-deploy")  # fmt: skip
+    for other in others:
         assert "accelerator" not in spec["deploymentSpec"]["executors"][other]["container"].get("resources", {})
         assert "nodeSelector" not in k8s.get(other, {}) and "tolerations" not in k8s.get(other, {})
 
@@ -107,8 +114,12 @@ def test_only_the_data_steps_are_cached_and_retries_are_set(compiled: tuple[dict
     spec, _ = compiled
     dag = spec["root"]["dag"]["tasks"]
     cached = {name: task.get("cachingOptions", {}).get("enableCache", False) for name, task in dag.items()}
-    assert cached == {"data": True, "preprocess": True, "train": False, "evaluate": False, "register": False,
-                      "deploy": False}  # fmt: skip
+    assert cached == {"plan-shards": True, "for-loop-1": False, "data": True, "preprocess": True, "train": False,
+                      "evaluate": False, "register": False, "deploy": False}  # fmt: skip
+    # The loop's tasks (the shards' generation) are cached as well: same seed, same jets.
+    (loop,) = [name for name, task in dag.items() if "parameterIterator" in task]
+    inner = spec["components"][dag[loop]["componentRef"]["name"]]["dag"]["tasks"]
+    assert {name: task["cachingOptions"]["enableCache"] for name, task in inner.items()} == {"generate-shard": True}
     assert dag["train"]["retryPolicy"]["maxRetryCount"] == 2
     assert dag["register"]["retryPolicy"]["maxRetryCount"] == 2
     # The run key defaults to the pipeline run's own id.
@@ -149,5 +160,5 @@ def test_every_kfp_config_entry_names_a_component_function() -> None:
     config = configparser.ConfigParser()
     config.optionxform = str
     config.read(compile_module.KFP_CONFIG)
-    assert dict(config["Components"]) == {step: f"components/{step}.py" for step in STEPS}
+    assert dict(config["Components"]) == FILES
     assert [s.__name__ for s in top_tagging.STEPS] == STEPS

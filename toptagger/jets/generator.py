@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from toptagger.errors import ConfigError
+from toptagger.errors import ConfigError, DataError
 from toptagger.jets.dataset import N_CONSTITUENTS, JetBatch
 from toptagger.jets.kinematics import delta_r
+from toptagger.storage import atomic_output
 
 SIGNAL, BACKGROUND = "signal", "background"
 BLOCK_JETS = 50  # jets per seeded work unit: small enough for a smooth progress bar
@@ -208,37 +209,46 @@ def _run_block(block: Block) -> tuple[Block, np.ndarray, np.ndarray]:
     return block, constituents, truth
 
 
-def generate_jets(
-    n_signal: int,
-    n_background: int,
-    seed: int = 1,
-    workers: int | None = None,
-    recipe: Recipe | None = None,
-    progress: bool = False,
-) -> JetBatch:
-    """Generate ``n_signal`` top jets and ``n_background`` QCD jets, shuffled by ``seed``."""
+def plan_jets(n_signal: int, n_background: int, seed: int = 1) -> list[Block]:
+    """Every seeded block of a sample, in the order the file holds them (signal, then background)."""
     for name, n in (("signal", n_signal), ("background", n_background)):
         if not isinstance(n, int | np.integer) or n < 1:
             raise ConfigError(f"the number of {name} jets must be a whole number >= 1, got {n!r}")
     if not 0 <= seed < 2**32:
         raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
+    return plan_blocks(SIGNAL, n_signal, seed) + plan_blocks(BACKGROUND, n_background, seed)
+
+
+BlockJets = dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]  # (process, index) -> constituents, truth
+
+
+def generate_blocks(
+    blocks: Sequence[Block], workers: int | None = None, recipe: Recipe | None = None, progress: bool = False
+) -> BlockJets:
+    """Generate ``blocks`` on ``workers`` processes; each block's jets depend on its seed only."""
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    results: BlockJets = {}
+    if not blocks:
+        return results
     recipe = recipe or Recipe()
-    blocks = plan_blocks(SIGNAL, n_signal, seed) + plan_blocks(BACKGROUND, n_background, seed)
-    results: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     from tqdm import tqdm
 
-    bar = tqdm(total=n_signal + n_background, unit="jet", desc="generating", disable=not progress, file=sys.stderr)
+    total = sum(b.n_jets for b in blocks)
+    bar = tqdm(total=total, unit="jet", desc="generating", disable=not progress, file=sys.stderr)
     # spawn, not fork: the caller may hold threads (torch, gRPC) that fork would copy half-way.
     context = multiprocessing.get_context("spawn")
     with bar, context.Pool(min(workers, len(blocks)), initializer=_init_worker, initargs=(recipe,)) as pool:
         for block, constituents, truth in pool.imap_unordered(_run_block, blocks):
             results[(block.process, block.index)] = (constituents, truth)
             bar.update(block.n_jets)
+    return results
 
+
+def assemble(blocks: Sequence[Block], results: BlockJets, seed: int) -> JetBatch:
+    """The sample from its blocks' jets: blocks in plan order, then shuffled by ``seed``."""
     ordered = [results[(b.process, b.index)] for b in blocks]
     labels = np.concatenate([np.full(b.n_jets, int(b.process == SIGNAL), np.int64) for b in blocks])
     batch = JetBatch(
@@ -248,3 +258,74 @@ def generate_jets(
         np.zeros(len(labels), np.int64),
     )
     return batch[np.random.default_rng(seed).permutation(len(batch))]
+
+
+def generate_jets(
+    n_signal: int,
+    n_background: int,
+    seed: int = 1,
+    workers: int | None = None,
+    recipe: Recipe | None = None,
+    progress: bool = False,
+) -> JetBatch:
+    """Generate ``n_signal`` top jets and ``n_background`` QCD jets, shuffled by ``seed``."""
+    blocks = plan_jets(n_signal, n_background, seed)
+    return assemble(blocks, generate_blocks(blocks, workers, recipe, progress), seed)
+
+
+# --- shards: the same blocks on several machines ------------------------------------------------
+# A shard generates every n-th block of the plan and saves the blocks' jets with their identity
+# (process, index, seed); the merge puts them back in plan order. Because a block's jets depend on
+# its seed alone, the merged file equals the one generate_jets writes, whatever the shard count.
+_SHARD_FIELDS = ("process", "index", "n_jets", "seed")
+
+
+def shard_blocks(blocks: Sequence[Block], shard: int, n_shards: int) -> list[Block]:
+    """The blocks shard ``shard`` of ``n_shards`` generates (round robin, so shards stay balanced)."""
+    if n_shards < 1:
+        raise ConfigError(f"n_shards must be >= 1, got {n_shards}")
+    if not 0 <= shard < n_shards:
+        raise ConfigError(f"shard must be in [0, {n_shards}), got {shard}")
+    return list(blocks[shard::n_shards])
+
+
+def save_shard(path: str | os.PathLike[str], blocks: Sequence[Block], results: BlockJets) -> None:
+    """Write the jets of ``blocks`` with the blocks' identity to an ``.npz`` file, atomically."""
+    arrays: dict[str, np.ndarray] = {
+        "process": np.array([int(b.process == SIGNAL) for b in blocks], np.int64),
+        "index": np.array([b.index for b in blocks], np.int64),
+        "n_jets": np.array([b.n_jets for b in blocks], np.int64),
+        "seed": np.array([b.seed for b in blocks], np.int64),
+    }
+    empty = (np.zeros((0, N_CONSTITUENTS, 4), np.float32), np.zeros((0, 4), np.float32))
+    parts = [results[(b.process, b.index)] for b in blocks] or [empty]
+    arrays["constituents"] = np.concatenate([c for c, _ in parts])
+    arrays["truth"] = np.concatenate([t for _, t in parts])
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def merge_shards(blocks: Sequence[Block], shard_files: Sequence[str | os.PathLike[str]], seed: int) -> JetBatch:
+    """The sample of ``blocks`` from shard files; refuses missing, repeated or foreign blocks."""
+    planned = {(b.process, b.index): b for b in blocks}
+    results: BlockJets = {}
+    for path in shard_files:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                fields = {name: data[name] for name in (*_SHARD_FIELDS, "constituents", "truth")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{path}: not a shard file of the generator ({exc})") from None
+        first = 0
+        for process, index, n_jets, block_seed in zip(*(fields[name] for name in _SHARD_FIELDS), strict=True):
+            key = (SIGNAL if process == 1 else BACKGROUND, int(index))
+            block = planned.get(key)
+            if block is None or (block.n_jets, block.seed) != (int(n_jets), int(block_seed)):
+                raise DataError(f"{path}: block {key[0]} {key[1]} is not one of this sample's (another seed or size)")
+            if key in results:
+                raise DataError(f"{path}: block {key[0]} {key[1]} was already in another shard")
+            results[key] = (fields["constituents"][first : first + n_jets], fields["truth"][first : first + n_jets])
+            first += int(n_jets)
+    missing = [f"{process} {index}" for process, index in planned if (process, index) not in results]
+    if missing:
+        raise DataError(f"the shards lack {len(missing)} block(s) of the sample: {', '.join(missing[:5])}")
+    return assemble(blocks, results, seed)
