@@ -133,6 +133,7 @@ class JetImageLoader:
         self.max_steps = max_steps
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
         self.epoch = 0
+        self._order: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
         if batch_size < world_size:
             raise DataError(f"batch_size {batch_size} leaves some of the {world_size} ranks without jets")
 
@@ -146,14 +147,21 @@ class JetImageLoader:
         """Jets of global batch ``step`` over all ranks (the last batch of an epoch can be short)."""
         return min(self.batch_size, len(self.labels) - step * self.batch_size)
 
+    def batch_indices(self, step: int, epoch: int | None = None) -> np.ndarray:
+        """This rank's jets in batch ``step`` of ``epoch`` (default: the current one), sorted."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.labels)))
+        batch = np.sort(self._order[1][step * self.batch_size : (step + 1) * self.batch_size])
+        return batch[self.rank :: self.world_size]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.labels))
+        epoch = self.epoch
         cuda = self.device.type == "cuda"
         side = torch.cuda.Stream(self.device) if cuda else None
 
         def produce(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
-            batch = np.sort(order[step * self.batch_size : (step + 1) * self.batch_size])
-            batch = batch[self.rank :: self.world_size]
+            batch = self.batch_indices(step, epoch)
             constituents = torch.from_numpy(self.constituents[batch])
             labels = torch.from_numpy(self.labels[batch])
             if not cuda:
