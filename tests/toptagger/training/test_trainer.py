@@ -155,3 +155,48 @@ def test_separate_validation_file_trains_on_all_of_data_and_guards_resume(
         train(replace(config, val_data=str(jets_file)), small_jets, tmp_path / "run", resume=True, progress=False)
     with pytest.raises(DataError, match=r"missing-val\.h5"):
         train(replace(TINY, val_data=str(tmp_path / "missing-val.h5")), small_jets, tmp_path / "x", progress=False)
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(
+    small_jets: JetBatch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The half-precision path of a GPU run (--amp bf16, channels-last), exercised on CPU so it cannot rot."""
+    seen: dict[str, object] = {}
+    real_build = train_module.build_model
+
+    def build_and_watch(config: TaggerConfig) -> nn.Module:
+        model = real_build(config)
+
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if module.training:
+                seen.setdefault("dtype", output.dtype)
+                seen.setdefault("layout", output.is_contiguous(memory_format=torch.channels_last))
+
+        model.layer1.register_forward_hook(record)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_and_watch)
+    records: list[dict] = []
+    config = replace(TINY, epochs=1, max_steps_per_epoch=2, amp="bf16")
+    summary = train(
+        config,
+        small_jets,
+        tmp_path,
+        device="cpu",
+        progress=False,
+        channels_last=True,
+        on_epoch=lambda epoch, model, record: records.append(
+            {"conv1": model.conv1.weight.is_contiguous(memory_format=torch.channels_last), **record}
+        ),
+    )
+    assert seen == {"dtype": torch.bfloat16, "layout": True}
+    assert records[0]["conv1"] and np.isfinite(records[0]["train_loss"]) and 0 <= records[0]["val_auc"] <= 1
+    # the saved model is float32 and loads as usual
+    assert summary["config"]["amp"] == "bf16"
+    assert all(
+        t.dtype == torch.float32
+        for t in load_model(tmp_path / MODEL_DIR).state_dict().values()
+        if t.is_floating_point()
+    )
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        train(replace(config, amp="fp16"), small_jets, tmp_path / "fp16", device="cpu", progress=False)
