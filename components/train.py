@@ -287,17 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_mode(args: argparse.Namespace) -> None:
+    from toptagger.errors import ConfigError
+
     job = [args.checkpoint_root, args.run_key, args.export_to]
     if args.out is not None:
         if any(value is not None for value in job):
-            parser.error("give either --out or --checkpoint-root/--run-key/--export-to, not both")
+            raise ConfigError("give either --out or --checkpoint-root/--run-key/--export-to, not both")
     elif not all(job):
-        parser.error("give --out DIR, or all three of --checkpoint-root, --run-key and --export-to")
+        raise ConfigError("give --out DIR, or all three of --checkpoint-root, --run-key and --export-to")
     elif args.resume:
-        parser.error("--resume goes with --out; under --checkpoint-root a checkpoint is resumed by itself")
+        raise ConfigError("--resume goes with --out; under --checkpoint-root a checkpoint is resumed by itself")
     if args.prefetch < 0:
-        parser.error(f"--prefetch must be >= 0, got {args.prefetch}")
+        raise ConfigError(f"--prefetch must be >= 0, got {args.prefetch}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,9 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from toptagger.training.data import load_training_jets
     from toptagger.training.trainer import train
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_mode(parser, args)
+    args = build_parser().parse_args(argv)
+    _check_mode(args)
     config = from_arguments(args)
     if args.export_to:
         check_export_target(args.export_to)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kfp import dsl
 
-from components.train import main
+from components.train import STATE_DICT_FILE, SUMMARY_FILE, main, record_outputs
 from toptagger.cli import run_cli
+from toptagger.images import ImageConfig
 from toptagger.jets.compact import save_jets
 from toptagger.jets.dataset import JetBatch
 from toptagger.model import load_model
-from toptagger.training.trainer import HISTORY_FILE, MODEL_DIR
+from toptagger.training.config import TrainConfig, to_arguments
+from toptagger.training.trainer import CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,3 +97,137 @@ def test_an_interrupted_training_resumes_from_its_checkpoint(tiny_jets: JetBatch
     assert (model_dir / "opencl" / "plan.json").is_file()
     state = torch.load(tmp_path / "model" / "state_dict.pt", weights_only=True)
     assert "fc.weight" in state
+
+
+# ----------------------------------------------------------------------------------------------
+# Data-parallel runs under torchrun, and the one-job mode a Kubeflow TrainJob runs
+
+# Small enough for 2 ranks on 2 cores: 16-pixel images, one channel, 2 steps of 16 jets per epoch.
+DDP_CONFIG = TrainConfig(
+    image=ImageConfig(image_size=16, center="centroid", rotate=True, flip=True, normalize=True),
+    in_channels=1,
+    epochs=3,
+    batch_size=16,
+    max_steps_per_epoch=2,
+    patience=5,
+    seed=11,
+)
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _torchrun(nproc: int, args: list[str]) -> list[str]:
+    """The real launcher: torchrun on loopback (--standalone picks a free rendezvous port)."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*run, "-m", "components.train", *args]
+
+
+def _kill_when_saved(process: subprocess.Popen, checkpoint: Path, rank: int | None) -> None:
+    """SIGKILL ``rank`` (a worker of torchrun; None: the process itself) once ``checkpoint`` exists."""
+    import psutil
+
+    while not checkpoint.exists():
+        assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+        time.sleep(0.02)
+    if rank is None:
+        process.kill()
+        return
+    for child in psutil.Process(process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.environ().get("RANK") == str(rank):
+                child.send_signal(signal.SIGKILL)
+                return
+    raise AssertionError(f"no worker with RANK={rank} under torchrun")
+
+
+def _finished(process: subprocess.Popen) -> str:
+    try:
+        out, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return out.decode()
+
+
+def test_cli_modes_are_exclusive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = ["--checkpoint-root", str(tmp_path), "--run-key", "k", "--export-to", str(tmp_path / "export")]
+    cases = {
+        ("--out", str(tmp_path / "run"), *job): "not both",
+        ("--checkpoint-root", str(tmp_path), "--run-key", "k"): "all three",
+        (*job, "--resume"): "--resume goes with --out",
+        ("--checkpoint-root", str(tmp_path), "--run-key", "k", "--export-to", str(tmp_path / "no" / "x")): "does not",
+    }
+    for args, message in cases.items():
+        status = run_cli(main, ["--data", "jets.h5", *args])
+        assert status == 2 and message in capsys.readouterr().err, args
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_after_a_checkpoint_resume_on_one(tiny_file: Path, tmp_path: Path) -> None:
+    """torchrun, 2 gloo ranks, --out: a rank is SIGKILLed; --resume continues on 1 rank from the last epoch."""
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_file), "--out", str(out), "--no-progress", *to_arguments(DDP_CONFIG)]
+    first = subprocess.Popen(_torchrun(2, args), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _kill_when_saved(first, out / CHECKPOINT_FILE, rank=1)
+    log = _finished(first)
+    assert first.returncode != 0, log  # torchrun stops the other rank and fails
+    assert "world size 2" in log
+    saved = torch.load(out / CHECKPOINT_FILE, weights_only=True)
+    assert saved["epoch"] < DDP_CONFIG.epochs - 1, "the run finished before the kill"
+    # One writer: the checkpoint and one model folder, nothing of another rank's
+    assert {p.name for p in out.iterdir()} == {CHECKPOINT_FILE, MODEL_DIR}
+    # Another world size: the same checkpoint, continued by one process without torchrun.
+    retry = subprocess.run(
+        [sys.executable, "-m", "components.train", *args, "--resume"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert f"after epoch {saved['epoch']}" in retry.stderr and "world size 1" in retry.stderr
+    summary = json.loads((out / HISTORY_FILE).read_text())
+    assert [h["epoch"] for h in summary["history"]] == list(range(DDP_CONFIG.epochs))
+    assert summary["history"][: saved["epoch"] + 1] == saved["history"]  # not rerun
+
+
+@pytest.mark.slow
+def test_job_mode_resumes_a_killed_attempt_under_two_ranks_and_exports(tiny_jets: JetBatch, tmp_path: Path) -> None:
+    """--checkpoint-root/--run-key/--export-to: attempt 1 (1 process) is killed, attempt 2 (torchrun, 2 ranks)
+    resumes it by itself, rank 0 writes the export and summary.json, and the checkpoint is deleted."""
+    fit = tmp_path / "fit.npz"
+    save_jets(fit, tiny_jets[np.arange(100)])  # the preprocess step's compact file
+    root, export = tmp_path / "checkpoints", tmp_path / "export"
+    checkpoint = root / "trainjob-1" / CHECKPOINT_FILE
+    args = ["--data", str(fit), "--checkpoint-root", str(root), "--run-key", "trainjob-1", "--export-to", str(export)]
+    args += ["--no-progress", *to_arguments(DDP_CONFIG)]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "components.train", *args],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    _kill_when_saved(first, checkpoint, rank=None)
+    _finished(first)
+    assert first.returncode == -9
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] < DDP_CONFIG.epochs - 1 and not export.exists()
+    retry = subprocess.run(_torchrun(2, args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert "world size 2" in retry.stderr and f"after epoch {saved['epoch']}" in retry.stderr
+    # exactly what export() writes, plus the summary
+    for name in ("model/model.safetensors", "model/tagger.json", "model/model.onnx", "model/opencl/plan.json"):
+        assert (export / name).is_file(), name
+    assert {p.name for p in export.iterdir()} == {MODEL_DIR, STATE_DICT_FILE, HISTORY_FILE, SUMMARY_FILE}
+    summary = json.loads((export / SUMMARY_FILE).read_text())
+    assert summary["world_size"] == 2 and summary["resumed"] is True and summary["training_seconds"] > 0
+    assert [h["epoch"] for h in summary["history"]] == list(range(DDP_CONFIG.epochs))
+    assert summary["history"][: saved["epoch"] + 1] == saved["history"]
+    assert not checkpoint.parent.exists()  # cleared once the export was written
+    assert not list(tmp_path.glob(".export*"))  # no staging folder left behind
+    # What the TrainJob launcher does with it: the same record as the pipeline's train step.
+    model, metrics = dsl.Model(uri=str(export)), dsl.Metrics(uri=str(tmp_path / "metrics"))
+    record_outputs(summary, model, metrics, DDP_CONFIG, summary["training_seconds"], summary["resumed"])
+    assert model.metadata["best_val_auc"] == summary["best_val_auc"] and model.metadata["in_channels"] == 1
+    assert metrics.metadata["world_size"] == 2 and metrics.metadata["resumed"] == 1.0
+    assert metrics.metadata["epochs_run"] == DDP_CONFIG.epochs
