@@ -60,6 +60,17 @@ class TaggerServicer(InferenceServicer):
         super().__init__(data_plane, model_repository_extension)
         self.model = model
 
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        """KServe's answer plus Triton's ``versions`` (KServe leaves it empty) and version check."""
+        if request.name == self.model.name and request.version not in ("", MODEL_VERSION):
+            message = f"unknown version '{request.version}' of '{self.model.name}'; serving '{MODEL_VERSION}'"
+            await context.abort(grpc.StatusCode.NOT_FOUND, message)
+        response = await super().ModelMetadata(request, context)
+        response.versions.append(MODEL_VERSION)
+        return response
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
         start = time.perf_counter()
         try:

@@ -145,11 +145,11 @@ def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int) -> No
 
     # Triton's HTTP extensions (repository index, model configuration, statistics), as SONIC's
     # gRPC calls have them on the other port: the same messages, as Triton writes them in JSON.
-    def unknown(model_name: str, version: str = "") -> JSONResponse | None:
+    def unknown(model_name: str, version: str = "", status: int = 404) -> JSONResponse | None:
         if model_name != model.name:
-            return JSONResponse({"error": f"unknown model '{model_name}'; this server serves '{model.name}'"}, 404)
+            return JSONResponse({"error": f"unknown model '{model_name}'; this server serves '{model.name}'"}, status)
         if version not in ("", MODEL_VERSION):
-            return JSONResponse({"error": f"unknown version '{version}' of '{model.name}'; serving '1'"}, 404)
+            return JSONResponse({"error": f"unknown version '{version}' of '{model.name}'; serving '1'"}, status)
         return None
 
     async def repository_index(request: Request) -> JSONResponse:
@@ -168,13 +168,20 @@ def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int) -> No
         return unknown(model_name, version) or JSONResponse(triton.as_json(triton.model_config(model)))
 
     async def model_stats(model_name: str = "", version: str = "") -> JSONResponse:
-        refused = unknown(model_name, version) if model_name else None
+        refused = unknown(model_name, version, status=400) if model_name else None  # Triton's 400, not 404
         return refused or JSONResponse({"model_stats": [triton.as_json(triton.model_statistics(model))]})
+
+    async def model_metadata(model_name: str, version: str = "") -> JSONResponse:
+        # KServe's metadata plus Triton's "versions" (KServe leaves it out).
+        metadata = {"name": model.name, "versions": [MODEL_VERSION], "platform": ""}
+        metadata |= {"inputs": model.get_input_types(), "outputs": model.get_output_types()}
+        return unknown(model_name, version) or JSONResponse(metadata)
 
     app.add_api_route("/v2/repository/index", repository_index, methods=["POST"])
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
         app.add_api_route(f"{prefix}/config", model_config, methods=["GET"])
         app.add_api_route(f"{prefix}/stats", model_stats, methods=["GET"])
+        app.add_api_route(prefix, model_metadata, methods=["GET"])
     app.add_api_route("/v2/models/stats", model_stats, methods=["GET"])
 
     async def overloaded(_: Request, exc: ServerOverloaded) -> JSONResponse:

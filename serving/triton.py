@@ -126,7 +126,9 @@ def handler(model: TopTagger) -> grpc.GenericRpcHandler:
 
     async def statistics(request: extensions_pb2.ModelStatisticsRequest, context: grpc.aio.ServicerContext):
         if not _check_name(request.name, model, allow_empty=True):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{request.name}'; serving '{model.name}'")
+            # Triton answers INVALID_ARGUMENT here (NOT_FOUND for ModelConfig): same as Triton.
+            message = f"unknown model '{request.name}'; serving '{model.name}'"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         return extensions_pb2.ModelStatisticsResponse(model_stats=[model_statistics(model)])
 
     return grpc.method_handlers_generic_handler(

@@ -6,6 +6,7 @@ that starts a predictor for a test of its own.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tagger (seeded random weights) with :data:`IMAGE_CONFIG`."""
     torch.manual_seed(0)
     return save_model(build_model(TaggerConfig(image=IMAGE_CONFIG)).eval(), tmp_path_factory.mktemp("model") / "tagger")
+
+
+@pytest.fixture(scope="session")
+def onnx_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`model_dir`'s tagger with its ONNX graph, as the train step writes it."""
+    from toptagger.model import load_model
+    from toptagger.onnx_export import export_onnx
+
+    folder = tmp_path_factory.mktemp("onnx-model") / "tagger"
+    shutil.copytree(model_dir, folder)
+    with torch.random.fork_rng(devices=[]):
+        export_onnx(load_model(folder), folder)
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -107,18 +107,6 @@ def test_model_without_opencl_package_is_not_ready_with_the_reason(model_dir: Pa
     assert "no OpenCL package" in not_ready_reason(model_dir, "--backend", "opencl")
 
 
-@pytest.fixture(scope="module")
-def onnx_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The serving tests' tagger with its ONNX graph, as the train step writes it."""
-    from toptagger.onnx_export import export_onnx
-
-    folder = tmp_path_factory.mktemp("onnx-model") / "tagger"
-    shutil.copytree(model_dir, folder)
-    with torch.random.fork_rng(devices=[]):
-        export_onnx(load_model(folder), folder)
-    return folder
-
-
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_onnx_runtimes_serve_what_torch_computes(backend: str, onnx_model_dir: Path, small_jets: JetBatch) -> None:
     torch.manual_seed(0)  # TorchBackend builds the network (random initialisation) before loading the weights

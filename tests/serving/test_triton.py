@@ -211,7 +211,7 @@ def test_model_statistics_rpc_answers_for_the_served_model_or_all_models(tagger:
     with pytest.raises(grpc.aio.AbortError):
         call(tagger, "ModelStatistics", extensions_pb2.ModelStatisticsRequest(name="bottom-tagger"), context)
     assert (context.code, context.details) == (
-        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,  # Triton's code for statistics (NOT_FOUND for ModelConfig)
         "unknown model 'bottom-tagger'; serving 'top-tagger'",
     )
 
