@@ -3,6 +3,8 @@
     python -m pipelines.compile [--image REGISTRY/components:TAG] [--out FILE] [--check]
                                 [--gpu-resource R] [--gpu-count N] [--gpu-node-selector KEY=VALUE|none]
                                 [--gpu-toleration KEY[=VALUE][:EFFECT]|none]
+                                [--trainjob --nodes N --gpus-per-node G [--trainjob-namespace NS]
+                                 [--keep-trainjob never|on-failure|always]]
 
 Writes ``manifests/pipelines/top_tagging.yaml`` (upload it in the KFP UI, or submit it with
 ``kfp.Client().create_run_from_pipeline_package``) and ``pipelines/kfp_config.ini``, which the
@@ -10,7 +12,10 @@ components image needs in its working directory: it tells KFP's executor which f
 containerized component (``components/Dockerfile`` copies it to ``/app/kfp_config.ini``).
 ``--check`` writes nothing and fails when the committed files differ from a fresh compile.
 The ``--gpu-*`` options place the train task on your cluster's GPU pool (see
-:mod:`pipelines.gpu_pool`; the defaults are NVIDIA's).
+:mod:`pipelines.gpu_pool`; the defaults are NVIDIA's). ``--trainjob`` compiles the other form
+of the train step: a launcher task that creates a Kubeflow Trainer ``TrainJob`` of ``--nodes`` x
+``--gpus-per-node`` on that pool and waits for it (:mod:`pipelines.trainjob`,
+:mod:`components.train_job`); its default output is ``top_tagging_trainjob_<N>x<G>.yaml``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines.gpu_pool import GpuPool
-from toptagger.cli import run_cli
+from pipelines.trainjob import KEEP, TrainJobShape
+from toptagger.cli import positive_int, run_cli
 from toptagger.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,17 +38,27 @@ DEFAULT_OUT = REPO / "manifests" / "pipelines" / "top_tagging.yaml"
 KFP_CONFIG = REPO / "pipelines" / "kfp_config.ini"
 
 
-def compile_yaml(image: str | None = None, gpu_pool: GpuPool | None = None) -> str:
-    """The compiled pipeline (two YAML documents: the pipeline spec, then the Kubernetes platform spec)."""
+def trainjob_out(shape: TrainJobShape) -> Path:
+    """Where ``--trainjob`` writes by default: beside the single-pod pipeline, named by its size."""
+    return DEFAULT_OUT.with_name(f"top_tagging_trainjob_{shape.nodes}x{shape.gpus_per_node}.yaml")
+
+
+def compile_yaml(
+    image: str | None = None, gpu_pool: GpuPool | None = None, trainjob: TrainJobShape | None = None
+) -> str:
+    """The compiled pipeline (two YAML documents: the pipeline spec, then the Kubernetes platform spec).
+
+    ``trainjob`` compiles the train step as a TrainJob launcher (its pool is ``trainjob.pool``).
+    """
     from kfp import compiler
 
     from pipelines.top_tagging import COMPONENTS_IMAGE, NVIDIA_POOL, build_pipeline, top_tagging
 
     gpu_pool = gpu_pool or NVIDIA_POOL
-    if image in (None, COMPONENTS_IMAGE) and gpu_pool == NVIDIA_POOL:
+    if image in (None, COMPONENTS_IMAGE) and gpu_pool == NVIDIA_POOL and trainjob is None:
         pipeline = top_tagging
     else:
-        pipeline = build_pipeline(image or COMPONENTS_IMAGE, gpu_pool=gpu_pool)
+        pipeline = build_pipeline(image or COMPONENTS_IMAGE, gpu_pool=gpu_pool, trainjob=trainjob)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pipeline.yaml"
         compiler.Compiler().compile(pipeline, str(path))
@@ -99,14 +115,12 @@ def cluster_only_settings() -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image", help="components image (default: $TOPTAGGER_COMPONENTS_IMAGE or the make default)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"pipeline YAML (default {DEFAULT_OUT})")
-    parser.add_argument("--check", action="store_true", help="fail if the files on disk differ from a fresh compile")
-    pool = parser.add_argument_group("GPU pool of the train task (defaults: NVIDIA's)")
+def add_gpu_pool_arguments(parser: argparse.ArgumentParser, count: bool = True) -> None:
+    """The ``--gpu-*`` options (read back by :func:`gpu_pool_from`); ``count=False`` leaves out ``--gpu-count``."""
+    pool = parser.add_argument_group("GPU pool of the training pods (defaults: NVIDIA's)")
     pool.add_argument("--gpu-resource", help="extended resource to request (default nvidia.com/gpu)")
-    pool.add_argument("--gpu-count", type=int, help="how many (default 1)")
+    if count:
+        pool.add_argument("--gpu-count", type=int, help="how many for the single train pod (default 1)")
     pool.add_argument(
         "--gpu-node-selector", help="KEY=VALUE node label of the pool, or none (default nvidia.com/gpu.present=true)"
     )
@@ -114,11 +128,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gpu-toleration",
         help="KEY[=VALUE][:EFFECT] taint of the pool to tolerate, or none (default nvidia.com/gpu:NoSchedule)",
     )
+
+
+def gpu_pool_from(args: argparse.Namespace) -> GpuPool:
+    """The pool of parsed :func:`add_gpu_pool_arguments` options (names a bad one)."""
+    count = getattr(args, "gpu_count", None)
+    return GpuPool.parse(args.gpu_resource, count, args.gpu_node_selector, args.gpu_toleration)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", help="components image (default: $TOPTAGGER_COMPONENTS_IMAGE or the make default)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"pipeline YAML (default {DEFAULT_OUT}; with --trainjob top_tagging_trainjob_<N>x<G>.yaml beside it)",
+    )
+    parser.add_argument("--check", action="store_true", help="fail if the files on disk differ from a fresh compile")
+    add_gpu_pool_arguments(parser)
+    job = parser.add_argument_group("train step as a Kubeflow Trainer v2.3.0 TrainJob (runtime torch-distributed)")
+    job.add_argument(
+        "--trainjob", action="store_true", help="the train task creates a TrainJob on the GPU pool and waits for it"
+    )
+    job.add_argument("--nodes", type=positive_int, default=1, help="TrainJob nodes (default 1)")
+    job.add_argument("--gpus-per-node", type=positive_int, default=1, help="GPUs and torchrun processes per node")
+    job.add_argument("--trainjob-namespace", default="", help="namespace of the TrainJob (default: the launcher's)")
+    job.add_argument(
+        "--keep-trainjob",
+        choices=KEEP,
+        default="on-failure",
+        help="keep the finished TrainJob and its pods: never, on-failure (default: to read a failure), always",
+    )
     args = parser.parse_args(argv)
     if args.image is not None and not args.image.strip():
         raise ConfigError("--image is empty")
-    gpu_pool = GpuPool.parse(args.gpu_resource, args.gpu_count, args.gpu_node_selector, args.gpu_toleration)
-    outputs = {args.out: compile_yaml(args.image, gpu_pool), KFP_CONFIG: kfp_config()}
+    gpu_pool = gpu_pool_from(args)
+    trainjob = None
+    if args.trainjob:
+        if args.gpu_count is not None:
+            raise ConfigError("--gpu-count is the single train pod's; a TrainJob takes --gpus-per-node")
+        trainjob = TrainJobShape(args.nodes, args.gpus_per_node, gpu_pool, args.trainjob_namespace, args.keep_trainjob)
+    elif (args.nodes, args.gpus_per_node, args.trainjob_namespace, args.keep_trainjob) != (1, 1, "", "on-failure"):
+        raise ConfigError("--nodes, --gpus-per-node, --trainjob-namespace and --keep-trainjob need --trainjob")
+    out = args.out or (trainjob_out(trainjob) if trainjob else DEFAULT_OUT)
+    outputs = {out: compile_yaml(args.image, gpu_pool, trainjob), KFP_CONFIG: kfp_config()}
     if args.check:
         stale = [str(p) for p, text in outputs.items() if not p.is_file() or p.read_text() != text]
         if stale:

@@ -25,7 +25,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Metrics
 from kfp.dsl.python_component import PythonComponent
 
-from components import data, deploy, evaluate, preprocess, register, train
+from components import data, deploy, evaluate, preprocess, register, train, train_job
 from pipelines.cluster import (  # the Secrets (created once per namespace) and the training pods' size
     MLFLOW_KEYS,
     MLFLOW_OPTIONAL_KEYS,
@@ -37,6 +37,7 @@ from pipelines.cluster import (  # the Secrets (created once per namespace) and 
     TRAIN_MEMORY,
 )
 from pipelines.gpu_pool import GpuPool
+from pipelines.trainjob import TrainJobShape, pool_flags
 from toptagger.constants import EXPERIMENT, GRPC_PORT, HTTP_PORT, MODEL_NAME
 
 # The component functions, in pipeline order (pipelines.compile maps each to its file in kfp_config.ini).
@@ -46,6 +47,7 @@ STEPS = (
     data.data,
     preprocess.preprocess,
     train.train,
+    train_job.train_job,
     evaluate.evaluate,
     register.register,
     deploy.deploy,
@@ -103,6 +105,7 @@ class Components(NamedTuple):
     data: PythonComponent
     preprocess: PythonComponent
     train: PythonComponent
+    train_job: PythonComponent
     evaluate: PythonComponent
     register: PythonComponent
     deploy: PythonComponent
@@ -147,11 +150,16 @@ def dataset_task(
 
 
 def build_pipeline(
-    image: str = COMPONENTS_IMAGE, local: bool = False, gpu_pool: GpuPool = NVIDIA_POOL
+    image: str = COMPONENTS_IMAGE,
+    local: bool = False,
+    gpu_pool: GpuPool = NVIDIA_POOL,
+    trainjob: TrainJobShape | None = None,
 ) -> dsl.graph_component.GraphComponent:
     """The pipeline on ``image``; ``local=True`` gives the lightweight form that kfp.local runs.
 
-    ``gpu_pool`` is where the train task runs on a cluster (kfp.local ignores it).
+    ``gpu_pool`` is where the train task runs on a cluster (kfp.local ignores it). ``trainjob``
+    makes the train task a launcher of a Kubeflow Trainer TrainJob of that shape on
+    ``trainjob.pool`` (``components/train_job.py``); the launcher itself needs no GPU.
     """
     c = make_components(image, local)
 
@@ -221,26 +229,32 @@ def build_pipeline(
         preprocess_task = c.preprocess(
             dataset=data_task.outputs["dataset"], seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
         )
-        train_task = c.train(
-            fit_jets=preprocess_task.outputs["fit_jets"],
-            image_size=image_size,
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            seed=seed,
-            base_model_uri=base_model_uri,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            max_steps_per_epoch=max_steps_per_epoch,
-            patience=patience,
-            checkpoint_root=checkpoint_root,
-            run_key=run_key,
-            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        )
-        # Training resumes its checkpoint, registration finds its run and version again: both retry
-        # safely. Only the data steps are cached: training, evaluation, registration and deployment
-        # are what a new run is for.
-        _with_secrets(_on_gpu_pool(train_task, gpu_pool), mlflow=True).set_retry(num_retries=2, backoff_duration="30s")
+        training = {  # the train step's inputs, the same in both forms
+            "fit_jets": preprocess_task.outputs["fit_jets"],
+            "image_size": image_size,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "base_model_uri": base_model_uri,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "max_steps_per_epoch": max_steps_per_epoch,
+            "patience": patience,
+            "checkpoint_root": checkpoint_root,
+            "run_key": run_key,
+            "pipeline_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        }
+        if trainjob is None:
+            train_task = _with_secrets(_on_gpu_pool(c.train(**training), gpu_pool), mlflow=True)
+        else:  # the TrainJob's pods get the Secrets themselves (secretKeyRef); the launcher needs S3
+            shape = {"nodes": trainjob.nodes, "gpus_per_node": trainjob.gpus_per_node, "keep": trainjob.keep}
+            shape |= {"namespace": trainjob.namespace, "image": image, **pool_flags(trainjob.pool)}
+            train_task = _with_secrets(c.train_job(**training, **shape))
+        # Training resumes its checkpoint (a retried launcher follows or replaces its TrainJob),
+        # registration finds its run and version again: both retry safely. Only the data steps are
+        # cached: training, evaluation, registration and deployment are what a new run is for.
+        train_task.set_retry(num_retries=2, backoff_duration="30s")
         train_task.set_caching_options(enable_caching=False)
         evaluate_task = c.evaluate(
             model=train_task.outputs["model"],

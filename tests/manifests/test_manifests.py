@@ -80,7 +80,7 @@ def all_yaml_docs() -> list[tuple[Path, dict[str, Any]]]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_builds_with_expected_kinds(built: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     kinds = sorted(d["kind"] for d in built[overlay])
-    assert kinds == ["InferenceService", "Role", "RoleBinding", "ServiceAccount"]
+    assert kinds == ["InferenceService", "Role", "Role", "RoleBinding", "RoleBinding", "ServiceAccount"]
 
 
 @pytest.fixture(scope="module")
@@ -237,24 +237,41 @@ def test_cluster_values_change_in_one_place(tmp_path: Path) -> None:
     assert accelerators(isvc) == {"xilinx.com/fpga-xilinx_aws-vu9p-f1_dynamic_5_0-43981"}
 
 
-def test_deployer_role_is_namespaced_and_minimal(built: dict[str, list[dict[str, Any]]]) -> None:
-    docs = built["fpga"]
-    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
-    (role,) = [d for d in docs if d["kind"] == "Role"]
-    assert role["rules"] == [
+ROLES = {
+    # the deploy step (toptagger/deploy/kserve.py)
+    "top-tagger-deployer": [
         {
             "apiGroups": ["serving.kserve.io"],
             "resources": ["inferenceservices"],
             "verbs": ["create", "get", "list", "watch", "patch"],
         }
-    ]
-    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
-    assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "Role",
-        "name": role["metadata"]["name"],
-    }
-    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+    ],
+    # the TrainJob launcher (toptagger/deploy/trainjob.py): its jobs, their pods and logs
+    "top-tagger-trainer": [
+        {
+            "apiGroups": ["trainer.kubeflow.org"],
+            "resources": ["trainjobs"],
+            "verbs": ["create", "get", "list", "watch", "delete"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    ],
+}
+
+
+def test_pipeline_roles_are_namespaced_minimal_and_bound_to_the_pipeline_runner(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = built["fpga"]
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}
+    assert {name: role["rules"] for name, role in roles.items()} == ROLES
+    bindings = {d["roleRef"]["name"]: d for d in docs if d["kind"] == "RoleBinding"}
+    assert set(bindings) == set(ROLES)
+    for name, binding in bindings.items():
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+        assert binding["metadata"]["namespace"] == roles[name]["metadata"]["namespace"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
 
 
 # ---------------------------------------------------------------------------------------------

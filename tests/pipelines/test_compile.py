@@ -15,11 +15,14 @@ import yaml
 
 from pipelines import compile as compile_module
 from pipelines import top_tagging
+from pipelines.trainjob import TrainJobShape
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "manifests" / "pipelines" / "top_tagging.yaml"
 # The component functions and their files (the data module holds the generation's fan-out too).
-STEPS = ["plan_shards", "generate_shard", "data", "preprocess", "train", "evaluate", "register", "deploy"]
+STEPS = ["plan_shards", "generate_shard", "data", "preprocess", "train", "train_job", "evaluate", "register",
+         "deploy"]  # fmt: skip
+SINGLE_POD = [s for s in STEPS if s != "train_job"]  # train_job replaces train in the TrainJob form
 FILES = {step: f"components/{step}.py" for step in STEPS} | {
     "plan_shards": "components/data.py",
     "generate_shard": "components/data.py",
@@ -62,7 +65,7 @@ def test_parameters_have_defaults_and_descriptions(compiled: tuple[dict[str, Any
 def test_components_are_containerized_on_the_components_image(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert sorted(executors) == sorted(f"exec-{s.replace('_', '-')}" for s in STEPS)
+    assert sorted(executors) == sorted(f"exec-{s.replace('_', '-')}" for s in SINGLE_POD)
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == top_tagging.COMPONENTS_IMAGE, name
@@ -162,3 +165,64 @@ def test_every_kfp_config_entry_names_a_component_function() -> None:
     config.read(compile_module.KFP_CONFIG)
     assert dict(config["Components"]) == FILES
     assert [s.__name__ for s in top_tagging.STEPS] == STEPS
+
+
+# ---------------------------------------------------------------------------------------------
+# The TrainJob form (python -m pipelines.compile --trainjob)
+
+TRAINJOB_2X4 = REPO / "manifests" / "pipelines" / "top_tagging_trainjob_2x4.yaml"
+
+
+@pytest.fixture(scope="module")
+def trainjob_compiled() -> tuple[dict[str, Any], dict[str, Any]]:
+    spec, platform = yaml.safe_load_all(TRAINJOB_2X4.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_the_committed_trainjob_pipeline_equals_a_fresh_compile() -> None:
+    shape = TrainJobShape(nodes=2, gpus_per_node=4)
+    assert compile_module.trainjob_out(shape) == TRAINJOB_2X4
+    fresh = compile_module.compile_yaml(trainjob=shape)
+    assert TRAINJOB_2X4.read_text() == fresh, "run: python -m pipelines.compile --trainjob --nodes 2 --gpus-per-node 4"
+    assert compile_module.main(["--trainjob", "--nodes", "2", "--gpus-per-node", "4", "--check"]) == 0
+
+
+def test_the_trainjob_launcher_replaces_the_train_task(
+    trainjob_compiled: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    spec, k8s = trainjob_compiled
+    dag = spec["root"]["dag"]["tasks"]
+    assert "train" not in dag and "train-job" in dag
+    launcher = dag["train-job"]
+    constants = {name: value["runtimeValue"]["constant"] for name, value in launcher["inputs"]["parameters"].items()
+                 if "runtimeValue" in value}  # fmt: skip
+    assert constants == {"nodes": 2, "gpus_per_node": 4, "image": top_tagging.COMPONENTS_IMAGE, "namespace": "",
+                         "keep": "on-failure", "gpu_resource": "nvidia.com/gpu",
+                         "gpu_node_selector": "nvidia.com/gpu.present=true",
+                         "gpu_toleration": "nvidia.com/gpu:NoSchedule",
+                         "pipeline_run_id": "{{$.pipeline_job_uuid}}"}  # fmt: skip
+    assert launcher["retryPolicy"]["maxRetryCount"] == 2 and not launcher.get("cachingOptions", {}).get("enableCache")
+    # The evaluate and register steps take the launcher's model, as they take the train step's.
+    for step in ("evaluate", "register"):
+        assert dag[step]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "train-job"
+    # The launcher waits; the TrainJob's nodes hold the GPUs (its runtime patch, not the launcher pod).
+    executor = spec["deploymentSpec"]["executors"]["exec-train-job"]["container"]
+    assert "accelerator" not in executor.get("resources", {})
+    assert "nodeSelector" not in k8s["exec-train-job"] and "tolerations" not in k8s["exec-train-job"]
+    env = {item["envVar"] for secret in k8s["exec-train-job"]["secretAsEnv"] for item in secret["keyToEnv"]}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= env
+    assert executor["args"][-2:] == ["--function_to_execute", "train_job"]
+
+
+def test_compile_help_and_trainjob_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from toptagger.cli import run_cli
+
+    result = subprocess.run([sys.executable, "-m", "pipelines.compile", "--help"], cwd=REPO, capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for flag in ("--trainjob", "--nodes", "--gpus-per-node", "--trainjob-namespace", "--keep-trainjob"):
+        assert flag in result.stdout, flag
+    assert run_cli(compile_module.main, ["--trainjob", "--gpu-count", "2", "--check"]) == 2
+    assert "a TrainJob takes --gpus-per-node" in capsys.readouterr().err
+    assert run_cli(compile_module.main, ["--nodes", "2", "--check"]) == 2
+    assert "need --trainjob" in capsys.readouterr().err
