@@ -144,13 +144,11 @@ def render(
         raise ConfigError(f"the TrainJob's jets must be on s3://, got {data_uri!r}")
     args = ["--data", data_uri, "--checkpoint-root", checkpoint_root, "--run-key", run_key]
     args += ["--export-to", where.export, "--no-progress", *config_args]
-    metadata: dict[str, Any] = {
-        "name": trainjob_name(run_key),
-        "labels": {"app.kubernetes.io/name": "top-tagger", "app.kubernetes.io/component": "train"},
-        "annotations": {RUN_KEY_ANNOTATION: run_key},
-    }
+    metadata: dict[str, Any] = {"name": trainjob_name(run_key)}
     if namespace or shape.namespace:
         metadata["namespace"] = namespace or shape.namespace
+    metadata["labels"] = {"app.kubernetes.io/name": "top-tagger", "app.kubernetes.io/component": "train"}
+    metadata["annotations"] = {RUN_KEY_ANNOTATION: run_key}
     spec: dict[str, Any] = {
         "runtimeRef": {"name": RUNTIME, "apiGroup": GROUP, "kind": "ClusterTrainingRuntime"},
         "trainer": {
