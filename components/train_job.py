@@ -53,7 +53,14 @@ def train_job(
 ):
     """Train as a Kubeflow TrainJob (nodes x gpus_per_node, torch-distributed) and take its model."""
     parameters = dict(locals())  # first: only the component's parameters
+    import signal
+
     from components.step import step
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # a terminated run: run_trainjob deletes its TrainJob (unless keep=always)
+
+    signal.signal(signal.SIGTERM, stop)
 
     with step("train"):
         from components.train_job import train_job_step

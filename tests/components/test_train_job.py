@@ -240,6 +240,7 @@ class FakeTrainerAPI(ThreadingHTTPServer):
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.pods: dict[str, FakePod] = {}
         self.requests: list[tuple[str, str]] = []
+        self.queries: list[str] = []  # the full request paths, query included
         self.created: list[dict[str, Any]] = []
         self.forbidden = False
         self.lock = threading.Lock()
@@ -271,6 +272,7 @@ class _Handler(KubeHandler):  # its JSON replies (_send, _status), quiet log, GE
         body = json.loads(self.rfile.read(length)) if length else None
         server, path = self.server, self.path.split("?")[0]
         server.requests.append((method, path))
+        server.queries.append(self.path)
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self._status(401, "Unauthorized", "no credentials")
         if server.forbidden:
@@ -403,6 +405,9 @@ def test_run_trainjob_reports_as_it_goes_and_deletes_a_completed_job(fake_api: C
         assert said.count(f"[{pod}] epoch 1/1: train_loss 0.69") == 1
     assert said.index(f"[{name}-node-0-0] best validation AUC 0.9") < said.index(f"TrainJob kubeflow/{name} complete")
     assert server.jobs == {} and ("DELETE", f"{TJ_PREFIX}kubeflow/trainjobs/{name}") in server.requests
+    # A pod's log is read whole once, then only its recent part.
+    reads = [q for q in server.queries if q.startswith(f"{CORE_PREFIX}kubeflow/pods/{name}-node-0-0/log")]
+    assert len(reads) >= 2 and "sinceSeconds" not in reads[0] and all("sinceSeconds=" in q for q in reads[1:])
 
 
 def test_a_failed_trainjob_fails_with_its_own_reason_and_is_kept_or_deleted(fake_api: Callable) -> None:
@@ -429,6 +434,19 @@ def test_a_retry_follows_the_running_job_and_keep_always_keeps_it(fake_api: Call
     run_trainjob(manifest, client, keep="always", poll_s=0.01, emit=said.append)
     assert server.created == [] and "exists (an earlier attempt created it): following it" in said[0]
     assert len(server.jobs) == 1 and said[-1].startswith("kept TrainJob")
+
+
+def test_a_stopped_launcher_deletes_its_job_unless_kept(fake_api: Callable) -> None:
+    for keep, left in (("on-failure", 0), ("always", 1)):
+        server = fake_api(scripted())
+
+        def stop_when_running(line: str) -> None:
+            if "epoch 1/1" in line:  # SIGTERM of a terminated run, as the component maps it
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            run_trainjob(render(SHAPE), kube_client(server), keep=keep, poll_s=0.01, emit=stop_when_running)
+        assert len(server.jobs) == left, keep
 
 
 def test_missing_rbac_is_named(fake_api: Callable) -> None:

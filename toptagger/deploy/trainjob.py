@@ -96,6 +96,7 @@ class TrainJobWatch:
         self._said: set[str] = set()
         self._phases: dict[str, str] = {}
         self._last_line: dict[str, str] = {}  # pod -> timestamp of its last printed log line
+        self._fetched: dict[str, float] = {}  # pod -> when its log was last read (time.monotonic)
 
     def get(self) -> dict[str, Any] | None:
         from kubernetes.client.rest import ApiException
@@ -166,8 +167,12 @@ class TrainJobWatch:
     def _print_log(self, pod: str) -> None:
         from kubernetes.client.rest import ApiException
 
+        options: dict[str, Any] = {"container": CONTAINER, "timestamps": True}
+        if pod in self._fetched:  # only the recent part (with a margin; repeated lines are skipped below)
+            options["since_seconds"] = int(time.monotonic() - self._fetched[pod]) + 30
         try:
-            text = self.core.read_namespaced_pod_log(pod, self.namespace, container=CONTAINER, timestamps=True)
+            text = self.core.read_namespaced_pod_log(pod, self.namespace, **options)
+            self._fetched[pod] = time.monotonic()
         except ApiException as exc:
             if exc.status in (401, 403):
                 raise _api_error(f"reading the log of pod {pod}", exc) from None
@@ -204,7 +209,8 @@ def run_trainjob(
 
     A job left by an earlier attempt is followed if it is running or complete, and replaced if it
     failed (its checkpoint makes the new one resume). ``keep``: ``never`` deletes the finished
-    job, ``on-failure`` deletes it only if it completed, ``always`` keeps it.
+    job, ``on-failure`` deletes it only if it completed, ``always`` keeps it. A stopped wait
+    (``KeyboardInterrupt``, e.g. the KFP run was terminated) deletes the job unless ``always``.
     """
     meta = manifest["metadata"]
     watch = TrainJobWatch(client, meta["name"], meta.get("namespace") or current_namespace(), emit)
@@ -220,6 +226,11 @@ def run_trainjob(
         emit(f"{watch.where} exists (an earlier attempt created it): following it")
     try:
         job = _follow(watch, job, poll_s)
+    except KeyboardInterrupt:  # the run was stopped (the launcher turns SIGTERM into this)
+        if keep != "always":
+            emit(f"stopped: deleting {watch.where}")
+            watch.delete(poll_s=poll_s)
+        raise
     except TrainJobEnded:
         if keep == "never":
             watch.delete(poll_s=poll_s)
