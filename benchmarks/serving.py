@@ -501,6 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--headline-clients", type=positive_int, default=16, help="client count of the headline ratios")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-KServe peer")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="instead of the sweep: every runtime in-process, our server on torch and on the fastest runtime, "
+        "stock KServe and real Triton on that runtime, one table (benchmarks/peers.py; writes peers.md in --out)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/serving"))
     parser.add_argument("--mlflow-run-id", help="log the JSON, table and plots to this MLflow run")
     args = parser.parse_args(argv)
@@ -512,7 +518,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown input {name!r}; use images and/or constituents")
     if args.seconds <= 0:
         parser.error("--seconds must be > 0")
-    run(args)
+    if args.peers:
+        from benchmarks.peers import run as run_peers
+
+        run_peers(args.model_uri, args.seconds, args.max_batch_size, args.max_latency_ms, args.out)
+    else:
+        run(args)
     return 0
 
 

@@ -3,7 +3,7 @@
 This is what a KServe user gets without this project's server: ``kserve.Model.predict`` runs the
 model once per request, with no batching, and KServe's default ``ModelServer``.
 
-    python -m benchmarks.stock_kserve --model-uri DIR --http-port 8090 --grpc-port 8091
+    python -m benchmarks.stock_kserve --model-uri DIR --http-port 8090 --grpc-port 8091 [--backend openvino]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-uri", required=True)
     parser.add_argument("--http-port", type=int, default=8090)
     parser.add_argument("--grpc-port", type=int, default=8091)
+    parser.add_argument("--backend", default="torch", help="the runtime (serving.backends.BACKENDS)")
     args = parser.parse_args(argv)
     sys.argv = sys.argv[:1]  # KServe parses sys.argv at import time
 
@@ -34,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             super().__init__(MODEL_NAME)
 
         def load(self) -> bool:
-            self.backend = load_backend(args.model_uri, "torch")
+            self.backend = load_backend(args.model_uri, args.backend)
             self.ready = True
             return True
 
