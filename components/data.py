@@ -46,7 +46,7 @@ def generate_shard(
     """Pythia8 + FastJet jets of one shard's seeded blocks (nothing when dataset_uri is given)."""
     from components.step import step
 
-    with step("generate"):
+    with step(f"generate-{shard}"):  # one name per shard: pipelines.run sums the steps by name
         from components.data import generate_shard_step
 
         generate_shard_step(jets, dataset_uri, shard, n_shards, n_signal, n_background, seed, workers)
