@@ -112,7 +112,11 @@ DDP_CONFIG = TrainConfig(
     patience=5,
     seed=11,
 )
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The environment of a child run, read when it starts (fixtures may have set S3 variables)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
 
 
 def _torchrun(nproc: int, args: list[str]) -> list[str]:
@@ -123,15 +127,20 @@ def _torchrun(nproc: int, args: list[str]) -> list[str]:
 
 def _kill_when_saved(process: subprocess.Popen, checkpoint: Path, rank: int | None) -> None:
     """SIGKILL ``rank`` (a worker of torchrun; None: the process itself) once ``checkpoint`` exists."""
-    import psutil
-
     while not checkpoint.exists():
         assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
         time.sleep(0.02)
     if rank is None:
         process.kill()
-        return
-    for child in psutil.Process(process.pid).children(recursive=True):
+    else:
+        _kill_rank(process, rank)
+
+
+def _kill_rank(torchrun: subprocess.Popen, rank: int) -> None:
+    """SIGKILL the worker of ``torchrun`` whose environment says RANK=``rank``."""
+    import psutil
+
+    for child in psutil.Process(torchrun.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if child.environ().get("RANK") == str(rank):
                 child.send_signal(signal.SIGKILL)
@@ -165,7 +174,7 @@ def test_two_ranks_killed_after_a_checkpoint_resume_on_one(tiny_file: Path, tmp_
     """torchrun, 2 gloo ranks, --out: a rank is SIGKILLed; --resume continues on 1 rank from the last epoch."""
     out = tmp_path / "run"
     args = ["--data", str(tiny_file), "--out", str(out), "--no-progress", *to_arguments(DDP_CONFIG)]
-    first = subprocess.Popen(_torchrun(2, args), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(_torchrun(2, args), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _kill_when_saved(first, out / CHECKPOINT_FILE, rank=1)
     log = _finished(first)
     assert first.returncode != 0, log  # torchrun stops the other rank and fails
@@ -178,7 +187,7 @@ def test_two_ranks_killed_after_a_checkpoint_resume_on_one(tiny_file: Path, tmp_
     retry = subprocess.run(
         [sys.executable, "-m", "components.train", *args, "--resume"],
         cwd=REPO,
-        env=ENV,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -203,7 +212,7 @@ def test_job_mode_resumes_a_killed_attempt_under_two_ranks_and_exports(tiny_jets
     first = subprocess.Popen(
         [sys.executable, "-m", "components.train", *args],
         cwd=REPO,
-        env=ENV,
+        env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -212,7 +221,7 @@ def test_job_mode_resumes_a_killed_attempt_under_two_ranks_and_exports(tiny_jets
     assert first.returncode == -9
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["epoch"] < DDP_CONFIG.epochs - 1 and not export.exists()
-    retry = subprocess.run(_torchrun(2, args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    retry = subprocess.run(_torchrun(2, args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert retry.returncode == 0, retry.stdout + retry.stderr
     assert "world size 2" in retry.stderr and f"after epoch {saved['epoch']}" in retry.stderr
     # exactly what export() writes, plus the summary
@@ -231,3 +240,51 @@ def test_job_mode_resumes_a_killed_attempt_under_two_ranks_and_exports(tiny_jets
     assert model.metadata["best_val_auc"] == summary["best_val_auc"] and model.metadata["in_channels"] == 1
     assert metrics.metadata["world_size"] == 2 and metrics.metadata["resumed"] == 1.0
     assert metrics.metadata["epochs_run"] == DDP_CONFIG.epochs
+
+
+@pytest.mark.slow
+def test_job_mode_on_s3_two_ranks_killed_then_one_rank_resumes(
+    tiny_jets: JetBatch, s3_env: str, tmp_path: Path
+) -> None:
+    """The TrainJob's storage: jets, checkpoints and export on S3. Rank 0 mirrors the checkpoint,
+    a killed 2-rank attempt is resumed by 1 process from S3, and the export lands on S3."""
+    from toptagger import storage
+
+    local = tmp_path / "fit.npz"
+    save_jets(local, tiny_jets[np.arange(100)])
+    data, root, export = f"{s3_env}/jobs/fit.npz", f"{s3_env}/checkpoints", f"{s3_env}/exports/job-7"
+    storage.upload(local, data)
+    args = ["--data", data, "--checkpoint-root", root, "--run-key", "job-7", "--export-to", export]
+    args += ["--no-progress", *to_arguments(DDP_CONFIG)]
+    # the cache of S3 objects, and a quick mirror of the checkpoint (every 0.2 s, not 5 s)
+    env = _env(TOPTAGGER_CACHE=str(tmp_path / "cache"), TOPTAGGER_CHECKPOINT_POLL_S="0.2")
+    first = subprocess.Popen(_torchrun(2, args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        while not storage.exists(f"{root}/job-7/{CHECKPOINT_FILE}"):  # mirrored by rank 0's watcher
+            assert first.poll() is None, first.stdout.read().decode() if first.stdout else ""
+            time.sleep(0.2)
+        _kill_rank(first, rank=1)
+    finally:
+        log = _finished(first)
+    assert first.returncode != 0 and "world size 2" in log, log
+    storage.download(f"{root}/job-7/{CHECKPOINT_FILE}", tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
+    assert saved["epoch"] < DDP_CONFIG.epochs - 1, "the run finished before the kill"
+    retry = subprocess.run(
+        [sys.executable, "-m", "components.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert "fetched the checkpoint of an earlier attempt" in retry.stderr
+    assert f"after epoch {saved['epoch']}" in retry.stderr and "world size 1" in retry.stderr
+    storage.download(f"{export}/{SUMMARY_FILE}", tmp_path / "summary.json")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed"] is True and summary["world_size"] == 1
+    assert summary["history"][: saved["epoch"] + 1] == saved["history"]
+    for name in ("model/model.safetensors", "model/model.onnx", "model/opencl/plan.json", STATE_DICT_FILE):
+        assert storage.exists(f"{export}/{name}"), name
+    assert not storage.exists(f"{root}/job-7/{CHECKPOINT_FILE}")  # cleared after the export

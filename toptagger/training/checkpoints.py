@@ -27,6 +27,8 @@ from toptagger.training.trainer import CHECKPOINT_FILE
 log = logging.getLogger(__name__)
 
 ROOT_ENV = "TOPTAGGER_CHECKPOINT_ROOT"
+# How often the watcher looks for a new checkpoint to mirror (seconds).
+POLL_ENV = "TOPTAGGER_CHECKPOINT_POLL_S"
 POLL_S = 5.0
 
 
@@ -85,12 +87,19 @@ class CheckpointFolder:
         mtime = self._mtime()
         if self.remote and mtime > self._uploaded_mtime:
             # The trainer writes model/ before the checkpoint (and renames both into place), so a
-            # new checkpoint means that the folder is consistent.
-            storage.upload_dir(self.local, self.remote)
+            # new checkpoint means that the folder is consistent. On S3 the checkpoint goes up
+            # last, for the same reason: an attempt killed during the upload leaves the previous
+            # checkpoint beside files that are at least as new, never a checkpoint without them.
+            # Temporary files (".name.part") are not mirrored.
+            files = sorted(p for p in self.local.rglob("*") if p.is_file() and not p.name.startswith("."))
+            checkpoint = self.local / CHECKPOINT_FILE
+            for path in [p for p in files if p != checkpoint] + [checkpoint]:
+                storage.upload(path, f"{self.remote}/{path.relative_to(self.local).as_posix()}")
             self._uploaded_mtime = mtime
 
     def _watch(self) -> None:
-        while not self._stop.wait(POLL_S):
+        poll = float(os.environ.get(POLL_ENV) or POLL_S)
+        while not self._stop.wait(poll):
             try:
                 self._sync()
             except Exception as exc:  # keep training; the next poll or the final sync tries again
