@@ -568,3 +568,43 @@ def test_the_rendered_trainer_command_trains_under_torchrun_and_the_launcher_tak
     assert not (out / "summary.json").exists()
     assert metrics.metadata["world_size"] == 2 and metrics.metadata["resumed"] == 0.0
     assert model.metadata["image_size"] == 32 and 0 <= model.metadata["best_val_auc"] <= 1
+
+
+def test_the_component_body_runs_the_job_of_its_parameters(
+    fake_api: Callable, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The KFP component function itself: its parameters become the config, the pool and the shape."""
+    import signal
+
+    def finish(job: dict[str, Any]) -> None:
+        args = train_component.build_parser().parse_args(job["spec"]["trainer"]["args"])
+        fake_export(args.export_to, tmp_path / "export", 2)
+
+    server = fake_api(scripted(finish))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": server.url}}],
+        "users": [{"name": "pipeline-runner", "user": {"token": TOKEN}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "pipeline-runner"}}],
+    }))  # fmt: skip
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setattr("toptagger.deploy.trainjob.time.sleep", lambda seconds: None)  # the 10 s polls
+    previous = signal.getsignal(signal.SIGTERM)
+    fit = tmp_path / "fit_jets"
+    fit.write_bytes(b"compact jets")
+    model, metrics = artifact(dsl.Model, tmp_path / "model"), artifact(dsl.Metrics, tmp_path / "metrics")
+    try:
+        launcher.train_job(
+            fit_jets=artifact(dsl.Dataset, fit), image_size=32, epochs=1, batch_size=8, learning_rate=1e-3, seed=3,
+            base_model_uri="", val_fraction=0.15, test_fraction=0.15, max_steps_per_epoch=2, patience=2,
+            checkpoint_root=f"{s3_env}/checkpoints", run_key="", pipeline_run_id="run-uuid", image=IMAGE, nodes=1,
+            gpus_per_node=2, gpu_resource="nvidia.com/gpu", gpu_node_selector="none",
+            gpu_toleration="nvidia.com/gpu:NoSchedule", namespace="team-a", keep="always", model=model,
+            metrics=metrics,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    shape = trainjob.TrainJobShape(1, 2, GpuPool.parse(None, None, "none", None), namespace="team-a", keep="always")
+    assert server.created == [render(shape, run_key="run-uuid", checkpoint_root=f"{s3_env}/checkpoints")]
+    assert len(server.jobs) == 1 and metrics.metadata["world_size"] == 2  # kept, as compiled

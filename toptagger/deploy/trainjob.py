@@ -15,6 +15,7 @@ for pods and logs); the tests run them against a fake API server on loopback.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +47,8 @@ def api_client(kubeconfig: str | None = None, context: str | None = None) -> Any
         if kubeconfig is None and context is None and SA_NAMESPACE.is_file():
             config.load_incluster_config()
             return client.ApiClient()
-        return config.new_client_from_config(config_file=kubeconfig, context=context)
+        # $KUBECONFIG read now: the client reads it once, when it is first imported.
+        return config.new_client_from_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"), context=context)
     except (config.ConfigException, OSError) as exc:
         raise ConfigError(f"no usable Kubernetes configuration ({exc}); set KUBECONFIG or pass --kubeconfig") from None
 
