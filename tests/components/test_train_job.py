@@ -374,15 +374,19 @@ def fake_api() -> Iterator[Callable[..., FakeTrainerAPI]]:
         server.server_close()
 
 
-def kube_client(server: FakeTrainerAPI) -> Any:
-    from kubernetes.config import new_client_from_config_dict
-
-    return new_client_from_config_dict({
+def kubeconfig(server: FakeTrainerAPI) -> dict[str, Any]:
+    return {
         "apiVersion": "v1", "kind": "Config", "current-context": "fake",
         "clusters": [{"name": "fake", "cluster": {"server": server.url}}],
         "users": [{"name": "pipeline-runner", "user": {"token": TOKEN}}],
         "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "pipeline-runner"}}],
-    })  # fmt: skip
+    }  # fmt: skip
+
+
+def kube_client(server: FakeTrainerAPI) -> Any:
+    from kubernetes.config import new_client_from_config_dict
+
+    return new_client_from_config_dict(kubeconfig(server))
 
 
 SHAPE = trainjob.TrainJobShape(2, 4, POOL, namespace="kubeflow")
@@ -581,14 +585,9 @@ def test_the_component_body_runs_the_job_of_its_parameters(
         fake_export(args.export_to, tmp_path / "export", 2)
 
     server = fake_api(scripted(finish))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": server.url}}],
-        "users": [{"name": "pipeline-runner", "user": {"token": TOKEN}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "pipeline-runner"}}],
-    }))  # fmt: skip
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    config_file = tmp_path / "kubeconfig"
+    config_file.write_text(yaml.safe_dump(kubeconfig(server)))
+    monkeypatch.setenv("KUBECONFIG", str(config_file))
     monkeypatch.setattr("toptagger.deploy.trainjob.time.sleep", lambda seconds: None)  # the 10 s polls
     previous = signal.getsignal(signal.SIGTERM)
     fit = tmp_path / "fit_jets"
