@@ -1,6 +1,9 @@
 """The register step: one MLflow run per pipeline run, a registered version, the promotion gate.
 
-``register`` is the Kubeflow component; :func:`register_step` the plain function it runs.
+``register`` is the Kubeflow component; :func:`register_step` the plain function it runs. Each
+version is an MLflow Model (:mod:`toptagger.mlflow_model`: signature, input example, a pyfunc from
+code, the tagger's files) with a description of the model and of the version
+(:mod:`toptagger.model_card`).
 Nothing touches MLflow before this step, so a pipeline that fails earlier (a bad dataset URI, a
 training error) leaves the tracking store and the registry as they were. The step checks that
 the tracking store answers before it logs anything, and every call it makes is idempotent (see
@@ -60,9 +63,10 @@ def register_step(
     from components.evaluate import ONNX_CHECK_FILE
     from components.step import code_version, log
     from components.train import STATE_DICT_FILE
-    from toptagger import model_uri, registry
+    from toptagger import mlflow_model, model_card, model_uri, registry
     from toptagger.errors import DataError
     from toptagger.evaluation.evaluate import METRICS_FILE, flatten
+    from toptagger.jets.compact import load_jets
     from toptagger.model import read_config
     from toptagger.signature import Signature
     from toptagger.training.trainer import HISTORY_FILE, MODEL_DIR
@@ -101,13 +105,22 @@ def register_step(
             "evaluation": Path(evaluation.path),
         },
     )
-    source = f"{registry.artifact_uri(run_id)}/model"
+    # The version is the MLflow Model (its input example: a test jet), not the run's folder.
+    model_id = mlflow_model.log_tagger(run_id, model_root / MODEL_DIR, load_jets(test_jets.path).constituents)
     version_tags = {
         registry.PIPELINE_RUN_TAG: pipeline_run_id,
         "dataset_hash": dataset_hash,
         "code_version": tags["code_version"],
     }
-    version = registry.register_version(model_name, run_id, source, metrics["test_auc"], version_tags)
+    version = registry.register_version(
+        model_name, run_id, mlflow_model.uri(model_id), metrics["test_auc"], version_tags
+    )
+    registry.describe(
+        model_name,
+        model_card.model_description(tagger),
+        version,
+        model_card.version_description(tagger, evaluated, fit_jets.metadata, run_id, pipeline_run_id),
+    )
     decision = registry.promote(model_name, version, metrics["test_auc"])
     registry.finish_run(run_id)
     result = {
@@ -119,6 +132,7 @@ def register_step(
         "reason": decision.reason,
         "model_uri": model_uri.resolve(model_uri.version_uri(model_name, version)),
         "artifact_uri": registry.artifact_uri(run_id),
+        "mlflow_model": mlflow_model.uri(model_id),
     }
     log.info(
         "registered %s version %s %s: %s (%s)",

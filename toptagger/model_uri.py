@@ -10,6 +10,12 @@ A registered version (``models:/``) resolves to where its files are (:func:`reso
 ``s3://`` URI KServe's storage initializer downloads, or a local folder with the embedded store),
 and is fetched from there. Downloads go to a cache folder keyed by the URI, so a restarted server
 does not fetch again.
+
+What is fetched may be an MLflow Model (a folder with an ``MLmodel`` file, as the register step
+logs every version: :mod:`toptagger.mlflow_model`); :func:`fetch` then returns the tagger's folder
+among its artifacts (``artifacts/model``: ``model.safetensors``, ``tagger.json``, ``model.onnx``,
+``opencl/``), so the predictor and the pyfunc serve the same files. Older versions, registered as
+the plain folder, are returned as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from toptagger.constants import CACHE_ROOT
 from toptagger.errors import ConfigError, StorageError
 
 REGISTRY_SCHEME = "models:/"
+MLMODEL_FILE = "MLmodel"
+MLFLOW_TAGGER_ARTIFACT = "model"  # the key of the tagger's folder among an MLflow Model's artifacts
 MLFLOW_SCHEMES = (REGISTRY_SCHEME, "runs:/", "mlflow-artifacts:/")
 CACHE = Path(os.environ.get("TOPTAGGER_MODEL_CACHE", CACHE_ROOT / "models"))
 
@@ -69,14 +77,17 @@ def fetch(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:
     """A local file or folder holding what ``uri`` names; raises :class:`StorageError` naming the URI.
 
     An ``s3://`` URI names one object when an object has exactly that key, and a prefix (a
-    folder) otherwise.
+    folder) otherwise. An MLflow Model is opened to the tagger's folder among its artifacts.
     """
-    uri = str(uri)
+    return tagger_folder(_fetch(str(uri), cache), str(uri))
+
+
+def _fetch(uri: str, cache: Path | None) -> Path:
     if not uri:
         raise StorageError("empty model URI")
     if uri.startswith(REGISTRY_SCHEME):
         # Where the version's files are (a folder of the local store, s3://, ...), then those.
-        return fetch(resolve(uri), cache)
+        return _fetch(resolve(uri), cache)
     if not (storage.is_s3(uri) or is_mlflow_uri(uri)):
         path = Path(uri.removeprefix("file://"))
         if not path.exists():
@@ -110,6 +121,36 @@ def _content(folder: Path) -> Path:
     """A cached download: the single file it holds, or the folder itself."""
     entries = list(folder.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_file() else folder
+
+
+def tagger_folder(path: Path, uri: str) -> Path:
+    """The tagger's folder inside the MLflow Model at ``path``; ``path`` itself if it is no MLflow Model.
+
+    The folder is the one the ``python_function`` flavor of ``MLmodel`` names as its artifact
+    :data:`MLFLOW_TAGGER_ARTIFACT`; it must lie inside the model.
+    """
+    mlmodel = path / MLMODEL_FILE
+    if not mlmodel.is_file():
+        return path
+    import yaml
+
+    missing = (
+        f"{uri}: an MLflow Model without the tagger's folder: its {MLMODEL_FILE} names no artifact "
+        f"{MLFLOW_TAGGER_ARTIFACT!r} in the python_function flavor (not registered by the register step?)"
+    )
+    try:
+        meta = yaml.safe_load(mlmodel.read_text())
+        relative = meta["flavors"]["python_function"]["artifacts"][MLFLOW_TAGGER_ARTIFACT]["path"]
+    except (yaml.YAMLError, OSError) as exc:
+        raise StorageError(f"{uri}: unreadable {MLMODEL_FILE} ({exc})") from None
+    except (KeyError, TypeError):
+        raise StorageError(missing) from None
+    folder = (path / str(relative)).resolve()
+    if not folder.is_relative_to(path.resolve()):
+        raise StorageError(f"{uri}: its {MLMODEL_FILE} points the tagger's folder outside the model ({relative})")
+    if not folder.is_dir():
+        raise StorageError(f"{uri}: the tagger's folder {relative} named by its {MLMODEL_FILE} is missing")
+    return folder
 
 
 def fetch_model_dir(uri: str | os.PathLike[str], cache: Path | None = None) -> Path:

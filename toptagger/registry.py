@@ -110,7 +110,7 @@ def client() -> Any:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
-def _mlflow_call(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+def mlflow_call(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
     """Run an MLflow client call; turn its exceptions into one message naming the store."""
     from mlflow.exceptions import MlflowException
 
@@ -127,7 +127,7 @@ def experiment_id(name: str) -> str:
     if not name:
         raise ConfigError("the MLflow experiment name is empty")
     mlflow_client = client()
-    found = _mlflow_call(f"reading experiment {name!r}", mlflow_client.get_experiment_by_name, name)
+    found = mlflow_call(f"reading experiment {name!r}", mlflow_client.get_experiment_by_name, name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             raise RegistryError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
@@ -139,7 +139,7 @@ def experiment_id(name: str) -> str:
     elif uri.startswith("sqlite:///"):
         # Beside the database, not MLflow's default ./mlruns in whatever folder the task runs in.
         location = (Path(uri[len("sqlite:///") :]).resolve().parent / "artifacts" / name).as_uri()
-    return str(_mlflow_call(f"creating experiment {name!r}", mlflow_client.create_experiment, name, location))
+    return str(mlflow_call(f"creating experiment {name!r}", mlflow_client.create_experiment, name, location))
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def find_or_create_run(experiment: str, pipeline_run_id: str, run_name: str | No
         raise ConfigError("a pipeline run id is needed to find this pipeline run's MLflow run")
     exp = experiment_id(experiment)
     mlflow_client = client()
-    found = _mlflow_call(
+    found = mlflow_call(
         "searching runs",
         mlflow_client.search_runs,
         [exp],
@@ -162,7 +162,7 @@ def find_or_create_run(experiment: str, pipeline_run_id: str, run_name: str | No
     if found:
         log.info("MLflow run %s already belongs to pipeline run %s: reusing it", found[0].info.run_id, pipeline_run_id)
         return str(found[0].info.run_id)
-    run = _mlflow_call(
+    run = mlflow_call(
         "creating a run", mlflow_client.create_run, exp, tags={PIPELINE_RUN_TAG: pipeline_run_id}, run_name=run_name
     )
     return str(run.info.run_id)
@@ -189,7 +189,7 @@ def log_run(
     from mlflow.entities import Metric, Param, RunTag
 
     mlflow_client = client()
-    run = _mlflow_call(f"reading run {run_id}", mlflow_client.get_run, run_id)
+    run = mlflow_call(f"reading run {run_id}", mlflow_client.get_run, run_id)
     have_params, have_metrics = run.data.params, run.data.metrics
     new_params = []
     for key, value in (params or {}).items():
@@ -214,7 +214,7 @@ def log_run(
     ]
     # The REST API takes at most 100 params and 1000 metrics per batch.
     for start in range(0, max(len(new_params), len(new_metrics), 1), 100):
-        _mlflow_call(
+        mlflow_call(
             "logging params and metrics",
             mlflow_client.log_batch,
             run_id,
@@ -225,9 +225,9 @@ def log_run(
     for artifact_path, local in (artifacts or {}).items():
         local = Path(local)
         if local.is_dir():
-            _mlflow_call(f"uploading {local}", mlflow_client.log_artifacts, run_id, str(local), artifact_path)
+            mlflow_call(f"uploading {local}", mlflow_client.log_artifacts, run_id, str(local), artifact_path)
         elif local.is_file():
-            _mlflow_call(f"uploading {local}", mlflow_client.log_artifact, run_id, str(local), artifact_path)
+            mlflow_call(f"uploading {local}", mlflow_client.log_artifact, run_id, str(local), artifact_path)
         else:
             raise StorageError(f"{local}: no such file or folder to log as {artifact_path!r}")
 
@@ -237,11 +237,11 @@ def _finite(value: Any) -> bool:
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
-    _mlflow_call(f"ending run {run_id}", client().set_terminated, run_id, status)
+    mlflow_call(f"ending run {run_id}", client().set_terminated, run_id, status)
 
 
 def artifact_uri(run_id: str) -> str:
-    return str(_mlflow_call(f"reading run {run_id}", client().get_run, run_id).info.artifact_uri)
+    return str(mlflow_call(f"reading run {run_id}", client().get_run, run_id).info.artifact_uri)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,8 +262,9 @@ def register_version(
 ) -> str:
     """The version of ``name`` made from ``run_id`` (created once), with alias ``challenger``.
 
-    A retry of a finished or half-finished registration finds the version by its run id instead
-    of creating a second one.
+    ``source`` is where its files are; ``models:/m-<id>`` (an MLflow Model the run logged) links
+    the version to that model, whose artifact location MLflow then records. A retry of a finished
+    or half-finished registration finds the version by its run id instead of creating a second one.
     """
     if not _finite(test_auc) or not 0 <= test_auc <= 1:
         raise ConfigError(f"test AUC must be a number in [0, 1], got {test_auc!r}")
@@ -277,15 +278,15 @@ def register_version(
             raise RegistryError(
                 f"MLflow ({tracking_uri()}): reading registered model {name!r}: {exc.message}"
             ) from None
-        _mlflow_call(f"creating registered model {name!r}", mlflow_client.create_registered_model, name)
-    existing = _mlflow_call(
+        mlflow_call(f"creating registered model {name!r}", mlflow_client.create_registered_model, name)
+    existing = mlflow_call(
         "searching versions", mlflow_client.search_model_versions, f"name = '{name}' and run_id = '{run_id}'"
     )
     if existing:
         version = str(min(int(v.version) for v in existing))
         log.info("run %s is already registered as %s version %s: not registering again", run_id, name, version)
     else:
-        created = _mlflow_call(f"registering {name!r}", mlflow_client.create_model_version, name, source, run_id=run_id)
+        created = mlflow_call(f"registering {name!r}", mlflow_client.create_model_version, name, source, run_id=run_id)
         version = str(created.version)
     for key, value in {AUC_KEY: repr(float(test_auc)), **(tags or {})}.items():
         _tag(name, version, key, value)
@@ -296,7 +297,7 @@ def register_version(
 def champion_auc(name: str, version: str) -> float:
     """The test AUC of version ``version``: its tag, else its run's metric; RegistryError if unreadable."""
     mlflow_client = client()
-    mv = _mlflow_call(f"reading {name} version {version}", mlflow_client.get_model_version, name, version)
+    mv = mlflow_call(f"reading {name} version {version}", mlflow_client.get_model_version, name, version)
     text = (mv.tags or {}).get(AUC_KEY)
     if text is not None:
         try:
@@ -356,7 +357,7 @@ def promote(name: str, version: str, test_auc: float) -> Decision:
     turn a refusal into a promotion or move the alias a second time.
     """
     mlflow_client = client()
-    mv = _mlflow_call(f"reading {name} version {version}", mlflow_client.get_model_version, name, version)
+    mv = mlflow_call(f"reading {name} version {version}", mlflow_client.get_model_version, name, version)
     tags = mv.tags or {}
     if DECISION_TAG in tags:
         decided = Decision(tags[DECISION_TAG] == PROMOTED, tags[DECISION_TAG], tags.get(REASON_TAG, ""))
@@ -376,14 +377,30 @@ def promote(name: str, version: str, test_auc: float) -> Decision:
     return decision
 
 
+def describe(name: str, model_text: str, version: str, version_text: str) -> None:
+    """Set the descriptions of registered model ``name`` and of its ``version`` (the registry UI shows both).
+
+    Setting a description again replaces it, so a retried task leaves the same text.
+    """
+    mlflow_client = client()
+    mlflow_call(f"describing {name}", mlflow_client.update_registered_model, name, description=model_text)
+    mlflow_call(
+        f"describing {name} version {version}",
+        mlflow_client.update_model_version,
+        name,
+        version,
+        description=version_text,
+    )
+
+
 def _tag(name: str, version: str, key: str, value: str) -> None:
-    _mlflow_call(f"tagging {name} version {version}", client().set_model_version_tag, name, version, key, value)
+    mlflow_call(f"tagging {name} version {version}", client().set_model_version_tag, name, version, key, value)
 
 
 def _set_alias(name: str, alias: str, version: str) -> None:
-    _mlflow_call(f"setting {name}@{alias}", client().set_registered_model_alias, name, alias, version)
+    mlflow_call(f"setting {name}@{alias}", client().set_registered_model_alias, name, alias, version)
 
 
 def aliases(name: str, version: str) -> list[str]:
-    mv = _mlflow_call(f"reading {name} version {version}", client().get_model_version, name, version)
+    mv = mlflow_call(f"reading {name} version {version}", client().get_model_version, name, version)
     return sorted(mv.aliases or [])

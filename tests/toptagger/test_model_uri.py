@@ -53,3 +53,41 @@ def test_without_a_tracking_uri_the_pipelines_local_store_is_read_and_none_is_cr
     assert model_uri.resolve("models:/top-tagger@champion") == URI
     with pytest.raises(StorageError, match=rf"cannot resolve in MLflow at {store}"):
         model_uri.resolve("models:/top-tagger@nobody")
+
+
+def mlflow_model(folder: Path, artifacts: object) -> Path:
+    """An MLflow Model's MLmodel file (as MLflow writes it) naming ``artifacts`` in its pyfunc flavor."""
+    import yaml
+
+    folder.mkdir(parents=True)
+    flavor = {"loader_module": "mlflow.pyfunc.loaders.code_model", "artifacts": artifacts}
+    (folder / model_uri.MLMODEL_FILE).write_text(yaml.safe_dump({"flavors": {"python_function": flavor}}))
+    return folder
+
+
+def test_an_mlflow_model_is_opened_to_its_tagger_folder_and_a_plain_folder_is_kept(tmp_path: Path) -> None:
+    model = mlflow_model(tmp_path / "m-1", {"model": {"path": "artifacts/model", "uri": "/train/model"}})
+    (model / "artifacts" / "model").mkdir(parents=True)
+    (model / "artifacts" / "model" / "tagger.json").write_text("{}")
+    assert model_uri.fetch(model) == model / "artifacts" / "model"
+    assert model_uri.fetch_model_dir(f"file://{model}") == model / "artifacts" / "model"
+    plain = model / "artifacts" / "model"  # how versions registered before the MLflow Model were stored
+    assert model_uri.fetch(plain) == plain
+
+
+@pytest.mark.parametrize(
+    ("artifacts", "message"),
+    [
+        ({"weights": {"path": "artifacts/weights"}}, "an MLflow Model without the tagger's folder: its MLmodel names"),
+        (None, "names no artifact 'model' in the python_function flavor"),
+        ({"model": {"path": "artifacts/model"}}, "the tagger's folder artifacts/model named by its MLmodel is missing"),
+        ({"model": {"path": "../../etc"}}, r"points the tagger's folder outside the model \(../../etc\)"),
+    ],
+    ids=["other artifact", "no artifacts", "folder missing", "outside"],
+)
+def test_an_mlflow_model_without_the_tagger_folder_is_refused_naming_it(
+    tmp_path: Path, artifacts: object, message: str
+) -> None:
+    model = mlflow_model(tmp_path / "m-2", artifacts)
+    with pytest.raises(StorageError, match=rf"{model}: .*{message}"):
+        model_uri.fetch_model_dir(model)

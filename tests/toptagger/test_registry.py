@@ -14,28 +14,6 @@ from toptagger.errors import ConfigError
 NAME = "top-tagger"
 
 
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, migrated MLflow database: creating one takes seconds, copying it does not."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_db: Path) -> str:
-    monkeypatch.delenv(registry.TRACKING_ENV, raising=False)
-    monkeypatch.delenv(registry.ARTIFACTS_ENV, raising=False)
-    uri = registry.use_local_store_unless_configured(tmp_path / "state")
-    shutil.copyfile(empty_db, tmp_path / "state" / "mlflow" / "mlflow.db")
-    # use_local_store_unless_configured writes os.environ; let monkeypatch restore it afterwards.
-    monkeypatch.setenv(registry.TRACKING_ENV, uri)
-    monkeypatch.setenv(registry.ARTIFACTS_ENV, str(tmp_path / "state" / "mlflow" / "artifacts"))
-    return uri
-
-
 def new_version(auc: float | None, pipeline_run: str, tag_auc: bool = True) -> str:
     """A run (with a test_auc metric unless auc is None) registered as a version of NAME."""
     run_id = registry.find_or_create_run("exp", pipeline_run)
@@ -180,3 +158,20 @@ def test_a_sqlite_store_given_by_uri_keeps_artifacts_beside_it(tmp_path: Path, m
     monkeypatch.delenv(registry.ARTIFACTS_ENV, raising=False)
     run_id = registry.find_or_create_run("exp", "p1")
     assert registry.artifact_uri(run_id).startswith((tmp_path / "artifacts" / "exp").as_uri())
+
+
+def test_a_version_of_a_logged_model_has_its_files_and_carries_descriptions(store: str) -> None:
+    run_id = registry.find_or_create_run("exp", "p1")
+    client = registry.client()
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment, name=NAME, source_run_id=run_id)
+    version = registry.register_version(NAME, run_id, f"models:/{logged.model_id}", 0.9)
+    for _ in range(2):  # a retried task sets the same texts again
+        registry.describe(NAME, "what the model is", version, "how this version did")
+    assert client.get_registered_model(NAME).description == "what the model is"
+    mv = client.get_model_version(NAME, version)
+    assert (mv.description, mv.source) == ("how this version did", f"models:/{logged.model_id}")
+    # The version's files are the logged model's (what model_uri.resolve returns).
+    assert client.get_model_version_download_uri(NAME, version) == logged.artifact_location
+    with pytest.raises(registry.RegistryError, match=r"describing top-tagger version 7: .*"):
+        registry.describe(NAME, "text", "7", "text")
