@@ -171,3 +171,48 @@ def test_bad_parameters_are_refused_before_any_task(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == "error: lr must be > 0, got -1.0"
     result, _ = run_pipeline(tmp_path, "--dataset", str(tmp_path / "missing.h5"))
     assert result.stderr.strip().splitlines()[-1] == f"error: --dataset {tmp_path / 'missing.h5'}: no such file"
+
+
+@pytest.mark.slow
+def test_the_champion_is_an_mlflow_model_that_predicts_as_score_jets(
+    two_runs: tuple, client: Any, tiny_jets: Any
+) -> None:
+    import mlflow
+    import numpy as np
+    import torch
+
+    from tests.tolerances import tagger_probability_bound
+    from toptagger.evaluation.report import format_metric
+    from toptagger.mlflow_model import served_constituents
+    from toptagger.model import load_model, score_jets
+    from toptagger.signature import Signature
+
+    _, summaries, _ = two_runs
+    champion = client.get_model_version_by_alias("top-tagger", "champion")
+    summary = summaries[int(champion.version) - 1]
+    assert champion.source.startswith("models:/m-")  # the MLflow Model, not the run's folder
+    pyfunc = mlflow.pyfunc.load_model("models:/top-tagger@champion")
+    with torch.random.fork_rng(devices=[]):
+        tagger = load_model("models:/top-tagger@champion")  # the predictor's loader, on the same artifact
+    served = Signature.of(tagger.config)
+    signature = pyfunc.metadata.signature
+    assert [(s.name, s.shape) for s in signature.inputs.inputs] == [(i.name, (-1, *i.dims)) for i in served.inputs]
+    assert [(s.name, s.shape) for s in signature.outputs.inputs] == [("probabilities", (-1, 2))]
+
+    jets = served_constituents(tiny_jets.constituents[:16])
+    no_images = np.zeros((0, *served.inputs[0].dims), np.float32)
+    probabilities = pyfunc.predict({"constituents": jets, "images": no_images})
+    assert probabilities.dtype == np.float32 and probabilities.shape == (16, 2)
+    images = tagger.config.image.render(jets)
+    images = np.broadcast_to(images, (16, tagger.config.in_channels, *images.shape[2:]))
+    bound = tagger_probability_bound(tagger, images, jets)[:, 1]
+    assert np.all(np.abs(probabilities[:, 1].astype(np.float64) - score_jets(tagger, jets)) <= bound)
+
+    model_text = client.get_registered_model("top-tagger").description
+    assert model_text.startswith("ResNet-50 top-quark jet tagger on jet images")
+    assert "mlflow.pyfunc.load_model" in model_text
+    text, ev = champion.description, summary["evaluation"]
+    for prefix in ("test", "mass_window"):  # the evaluate step's numbers, beside each other
+        assert format_metric(ev[f"{prefix}_auc"], ev[f"{prefix}_auc_error"]) in text
+    assert "1/εB at εS = 0.3" in text and "generated (Pythia8 + FastJet)" in text
+    assert summary["data"]["dataset_sha256"] in text and f"MLflow run {summary['run_id']}" in text
