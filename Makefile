@@ -60,8 +60,9 @@ demo: $(STAMP)  ## the pipeline through kfp.local (generate or DATASET=path-or-s
 	STATE=$(abspath $(STATE)) $(PY) -m serving.bench --model-uri models:/top-tagger@champion --clients 1,16 --batch-sizes 1 \
 	  --protocols grpc --inputs images,constituents --seconds 4 --no-stock --out $(STATE)/serving-bench
 
-pipeline: $(STAMP)  ## compile the pipeline for a cluster: manifests/pipelines/top_tagging.yaml
+pipeline: $(STAMP)  ## compile the pipeline for a cluster: manifests/pipelines/top_tagging.yaml, and the 2-node x 4-GPU TrainJob variant
 	$(PY) -m pipelines.compile
+	$(PY) -m pipelines.compile --trainjob --nodes 2 --gpus-per-node 4
 
 mlflow-ui: $(STAMP)  ## MLflow's browser UI on the local store (.state/mlflow), http://127.0.0.1:$(MLFLOW_PORT)
 	@mkdir -p $(STATE)/mlflow/artifacts

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from serving.backends import BACKENDS
+from serving.backends import BACKENDS, TORCH_DTYPES
 from toptagger.cli import positive_int
 from toptagger.constants import CHAMPION_URI, GRPC_PORT, HTTP_PORT
 
@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     _from_env(parser, "--backend", "torch", "execution backend", choices=list(BACKENDS))
     _from_env(
         parser, "--fallback", None, "backend to use when the chosen one has no usable device", choices=list(BACKENDS)
+    )
+    _from_env(
+        parser,
+        "--precision",
+        "fp32",
+        "arithmetic of the backend: fp16/bf16 for torch (the GPU pool), fp16 for an OpenCL package exported so",
+        choices=list(TORCH_DTYPES),
     )
     _from_env(parser, "--http-port", HTTP_PORT, "REST port", type=int)
     _from_env(parser, "--grpc-port", GRPC_PORT, "gRPC port (h2c)", type=int)
@@ -108,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model_uri,
         backend=args.backend,
         fallback=args.fallback,
+        precision=args.precision,
         batching=BatchingOptions(args.max_batch_size, args.max_latency_ms, args.max_queue),
     )
     model.load()

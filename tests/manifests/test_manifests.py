@@ -367,3 +367,26 @@ def test_cpu_autoscaling_component_for_clusters_without_keda(
     assert "autoScaling" not in predictor
     assert predictor["nodeSelector"]  # the FPGA scheduling is untouched
     assert crd_errors(isvc, crd_schemas) == []
+
+
+@pytest.mark.parametrize(
+    ("overlay", "runtime"),
+    [
+        ("cpu", {"backend": "openvino", "fallback": "torch", "precision": "fp32"}),
+        ("gpu", {"backend": "torch", "fallback": None, "precision": "fp16"}),
+        ("fpga", {"backend": "opencl", "fallback": None, "precision": "fp32"}),
+    ],
+)
+def test_each_pool_serves_with_its_runtime(
+    built: dict[str, list[dict[str, Any]]], overlay: str, runtime: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the predictor's own parser makes of the overlay's env and args, as in the pod."""
+    from serving.__main__ import build_parser
+
+    container = kserve_container(isvc_of(built[overlay]))
+    for name in ("BACKEND", "FALLBACK", "PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+    for entry in container["env"]:
+        monkeypatch.setenv(entry["name"], entry.get("value") or "")
+    args = build_parser().parse_args(container.get("args", []))
+    assert {"backend": args.backend, "fallback": args.fallback, "precision": args.precision} == runtime

@@ -132,3 +132,34 @@ def test_onnx_runtimes_serve_what_torch_computes(backend: str, onnx_model_dir: P
 def test_a_model_without_its_onnx_graph_is_not_ready_with_the_reason(model_dir: Path) -> None:
     reason = not_ready_reason(model_dir, "--backend", "onnxruntime")
     assert "no model.onnx" in reason and "python -m toptagger.onnx_export" in reason
+
+
+def test_torch_backend_in_bfloat16_computes_in_bfloat16(model_dir: Path, small_jets: JetBatch) -> None:
+    """The GPU pool's half-precision path, run on the CPU (bf16) so that it cannot rot.
+
+    No tolerance is claimed: the float32 bound analysis (tests/tolerances.py), scaled to
+    bfloat16's unit roundoff (2^-8), bounds nothing useful for a 50-layer network. What is checked:
+    the network really runs in bfloat16 (its parameters, and answers that are not float32's), and
+    the answers are probabilities taken in float32.
+    """
+    torch.manual_seed(0)  # TorchBackend builds the network (random initialisation) before loading the weights
+    reference = TorchBackend(model_dir, threads=1)
+    torch.manual_seed(0)
+    half = TorchBackend(model_dir, threads=1, precision="bf16")
+    assert half.dtype == torch.bfloat16 and "(bf16)" in half.description
+    assert all(p.dtype == torch.bfloat16 for p in half.model.parameters())
+    images = reference.render(small_jets.constituents[:16])
+    expected, served = reference.predict(images), half.predict(images)
+    assert served.dtype == np.float32 and served.shape == expected.shape
+    assert np.all(np.isfinite(served)) and np.all((served >= 0) & (served <= 1))
+    assert np.allclose(served.sum(axis=1), 1.0, rtol=0, atol=4 * np.finfo(np.float32).eps)
+    assert not np.array_equal(served, expected), "bfloat16 answers equal to float32's: not computed in bfloat16"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_graph_backends_refuse_half_precision_by_name(backend: str, onnx_model_dir: Path) -> None:
+    from serving.backends import load_backend
+    from toptagger.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"the {backend} backend runs the exported float32 graph"):
+        load_backend(str(onnx_model_dir), backend, precision="fp16")
