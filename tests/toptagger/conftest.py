@@ -20,12 +20,13 @@ def empty_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def local_store(state: Path, monkeypatch: pytest.MonkeyPatch, empty_db: Path) -> str:
-    """The pipeline's local store in ``state`` (a copy of ``empty_db``), set in the environment."""
+def local_store(state: Path, monkeypatch: pytest.MonkeyPatch, empty_db: Path | None = None) -> str:
+    """The pipeline's local store in ``state`` (a copy of ``empty_db``, else new), set in the environment."""
     monkeypatch.delenv(registry.TRACKING_ENV, raising=False)
     monkeypatch.delenv(registry.ARTIFACTS_ENV, raising=False)
     uri = registry.use_local_store_unless_configured(state)
-    shutil.copyfile(empty_db, state / "mlflow" / "mlflow.db")
+    if empty_db is not None:
+        shutil.copyfile(empty_db, state / "mlflow" / "mlflow.db")
     # use_local_store_unless_configured writes os.environ; let monkeypatch restore it afterwards.
     monkeypatch.setenv(registry.TRACKING_ENV, uri)
     monkeypatch.setenv(registry.ARTIFACTS_ENV, str(state / "mlflow" / "artifacts"))
