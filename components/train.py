@@ -320,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prefetch": args.prefetch,
     }
     with distributed.initialized(args.device) as world:
-        jets = load_training_jets(args.data)
+        with distributed.local_rank_first(world):  # one download of an s3:// file per node
+            jets = load_training_jets(args.data)
         if args.out is not None:
             summary = train(config, jets, args.out, args.resume, **options)
         else:

@@ -194,3 +194,18 @@ def agree(flag: bool, world: World, device: torch.device) -> bool:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def local_rank_first(world: World) -> Iterator[None]:
+    """Run the block on each node's local rank 0 first, then on the node's other ranks.
+
+    For reading an s3:// file: the first reader downloads it into the node's cache
+    (toptagger.storage), the others then find it there instead of downloading it G times at once.
+    Every rank passes one barrier: local rank 0 after the block, the others before it.
+    """
+    if world.local_rank != 0:
+        barrier(world)
+    yield
+    if world.local_rank == 0:
+        barrier(world)

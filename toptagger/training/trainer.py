@@ -130,7 +130,8 @@ def train(
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     if config.val_data:
-        train_jets, val_jets, n_test = jets, read_jets(config.val_data), 0
+        with distributed.local_rank_first(world):  # one download of an s3:// file per node
+            train_jets, val_jets, n_test = jets, read_jets(config.val_data), 0
     else:
         train_idx, val_idx, test_idx = split_indices(len(jets), config.seed, config.val_fraction, config.test_fraction)
         train_jets, val_jets, n_test = jets[train_idx], jets[val_idx], len(test_idx)

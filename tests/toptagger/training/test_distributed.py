@@ -148,10 +148,12 @@ def _rank(rank: int, port: int, data: str, folder: str) -> None:
             Path(folder) / f"rank{rank}.pt",
         )
 
-    with distributed.initialized("cpu"):
+    with distributed.initialized("cpu") as world:
+        with distributed.local_rank_first(world):  # as components.train reads --data
+            jets = load_training_jets(data)
         # Each rank gets a folder of its own here (torchrun runs share one): what lands in
         # rank 1's shows whether a rank other than 0 writes.
-        train(STEP, load_training_jets(data), Path(folder) / f"run{rank}", device="cpu", progress=False, on_epoch=keep)
+        train(STEP, jets, Path(folder) / f"run{rank}", device="cpu", progress=False, on_epoch=keep)
 
 
 def _half_step_gradient(config: TrainConfig, jets: JetBatch, rank: int, threads: int) -> dict[str, torch.Tensor]:
