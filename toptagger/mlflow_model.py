@@ -2,11 +2,11 @@
 
 The register step logs the model folder the train step wrote (``model.safetensors``,
 ``tagger.json``, ``model.onnx``, ``opencl/``) as the artifact ``model`` of an MLflow Model
-(``artifacts/model/`` in it) whose ``python_function`` flavor is :mod:`toptagger.mlflow_pyfunc`,
-logged as "models from code": MLflow keeps that file and runs it on loading, so nothing is
-pickled, and the weights are read with safetensors. The library travels inside the model
-(``code/toptagger``), so MLflow's own tools load it without this checkout; the packages it needs
-are pinned to the versions installed here.
+(``artifacts/model/`` in it: MLflow keeps the folder's name) whose ``python_function`` flavor is
+:mod:`toptagger.mlflow_pyfunc`, logged as "models from code": MLflow keeps that file and runs it
+on loading, so nothing is pickled, and the weights are read with safetensors. The library travels
+inside the model (``code/toptagger``), so MLflow's own tools load it without this checkout; the
+packages it needs are pinned to the versions installed here.
 
 The same files serve both ways: ``mlflow.pyfunc.load_model("models:/top-tagger@champion")``, and
 ``python -m serving --model-uri models:/top-tagger@champion``, which opens the MLflow Model to its

@@ -16,7 +16,10 @@ both; the one not used holds zero rows::
 
 The result is float32 ``[N, 2]`` probabilities (qcd, top): one row per image, then one row per jet
 of constituents. Over the v2 protocol (KServe's MLflow runtime) the unused input is a tensor of
-shape ``[0, ...]``. This module is not on the predictor's import path.
+shape ``[0, ...]``, which v2 can state (not tried here: no MLServer in this environment). MLflow's
+own JSON format (``mlflow models serve``) cannot: ``[]`` parses as shape ``(0,)``, which the
+signature refuses, so there both inputs need rows. This module is not on the predictor's import
+path (the predictor reads the same files through :func:`toptagger.model_uri.fetch_model_dir`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """MLflow tracking and model registry: the stores, one run per pipeline run, versions and the promotion gate.
 
+What a version is (an MLflow Model logged from the run) is :mod:`toptagger.mlflow_model`; what the
+registry says about it (:func:`describe`) is written by :mod:`toptagger.model_card`.
+
 Stores: without ``MLFLOW_TRACKING_URI`` the project uses an embedded SQLite database in its local
 state folder (``.state/mlflow/mlflow.db``) with artifacts beside it (``.state/mlflow/artifacts``).
 ``MLFLOW_TRACKING_URI=http://...`` switches to a tracking server; its artifacts live wherever the

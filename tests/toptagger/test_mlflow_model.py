@@ -6,6 +6,10 @@ jets, MLflow's own ``mlflow.pyfunc.load_model`` on ``models:/`` URIs.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,6 +147,26 @@ def test_the_model_is_code_and_safetensors_and_the_predictor_reads_its_tagger_fo
     assert {r.split("==")[0] for r in requirements} == set(mlflow_model.REQUIREMENTS)
     with torch.random.fork_rng(devices=[]):
         assert load_model(CHAMPION_URI).config.image.image_size == 32  # toptagger.model's own loader
+
+
+def test_mlflow_loads_the_model_without_this_checkout(pyfunc: Any, tagger: JetTagger, tmp_path: Path) -> None:
+    model = fetch_model_dir(CHAMPION_URI, cache=tmp_path / "cache").parents[1]
+    probe = (
+        "import json, sys, mlflow\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "example = model.metadata.load_input_example(sys.argv[1])\n"
+        "print(json.dumps([sys.modules['toptagger'].__file__, model.predict(example).tolist()]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    result = subprocess.run([sys.executable, "-c", probe, str(model)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    library, probabilities = json.loads(result.stdout.strip().splitlines()[-1])
+    assert library == str(model / "code" / "toptagger" / "__init__.py")  # the copy inside the model
+    example = pyfunc.metadata.load_input_example(str(model))
+    expected = pyfunc.predict(example)  # the same code and weights, in another process (other threads)
+    constituents = np.concatenate([example[CONSTITUENTS]] * 2)
+    assert_within_rounding(tagger, constituents, np.asarray(probabilities)[:, 1], expected[:, 1].astype(np.float64))
 
 
 def test_a_retried_task_reuses_the_logged_model_but_not_a_failed_one(
