@@ -79,6 +79,16 @@ def test_render_errors_name_the_problem(tmp_path: Path) -> None:
     shutil.copytree(MANIFESTS, tree)
     isvc_file = tree / "base" / "inferenceservice.yaml"
     isvc_file.write_text(isvc_file.read_text().replace("name: kserve-container", "name: predictor"))
+    # The overlays' own patches guard containers/0 with a JSON-patch test, which kustomize reports ...
+    with pytest.raises(ConfigError, match="testing value /spec/predictor/containers/0/name failed"):
+        kserve.render(URI, "cpu", manifests_dir=tree)
+    # ... and an overlay without patches reaches the deploy step's own check.
+    cpu = tree / "overlays" / "cpu" / "kustomization.yaml"
+    cpu.write_text(
+        cpu.read_text().replace(
+            "patches:\n  - path: runtime.yaml\n    target: {kind: InferenceService, name: top-tagger}\n", ""
+        )
+    )
     with pytest.raises(ConfigError, match="no container named kserve-container"):
         kserve.render(URI, "cpu", manifests_dir=tree)
 
