@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -127,25 +128,43 @@ def _torchrun(nproc: int, args: list[str]) -> list[str]:
 
 def _kill_when_saved(process: subprocess.Popen, checkpoint: Path, rank: int | None) -> None:
     """SIGKILL ``rank`` (a worker of torchrun; None: the process itself) once ``checkpoint`` exists."""
+    if rank is not None:
+        _kill_rank_when(process, checkpoint.exists, rank)
+        return
     while not checkpoint.exists():
         assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
         time.sleep(0.02)
-    if rank is None:
-        process.kill()
-    else:
-        _kill_rank(process, rank)
+    process.kill()
 
 
-def _kill_rank(torchrun: subprocess.Popen, rank: int) -> None:
-    """SIGKILL the worker of ``torchrun`` whose environment says RANK=``rank``."""
+def _kill_rank_when(torchrun: subprocess.Popen, saved: Callable[[], bool], rank: int) -> None:
+    """SIGKILL the worker of ``torchrun`` whose environment says RANK=``rank`` once ``saved()``.
+
+    The workers are stopped (SIGSTOP) while ``saved()`` is asked, so that the run cannot finish
+    between the answer and the kill; on a fast machine the last epochs and the export took less
+    time than one poll, and the kill found no worker.
+    """
     import psutil
 
-    for child in psutil.Process(torchrun.pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if child.environ().get("RANK") == str(rank):
-                child.send_signal(signal.SIGKILL)
+    while True:
+        assert torchrun.poll() is None, torchrun.stdout.read().decode() if torchrun.stdout else ""
+        workers: dict[str, psutil.Process] = {}
+        for child in psutil.Process(torchrun.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "RANK" in child.environ():
+                    workers[child.environ()["RANK"]] = child
+        for worker in workers.values():
+            with contextlib.suppress(psutil.Error):
+                worker.send_signal(signal.SIGSTOP)
+        try:
+            if str(rank) in workers and saved():
+                workers[str(rank)].send_signal(signal.SIGKILL)
                 return
-    raise AssertionError(f"no worker with RANK={rank} under torchrun")
+        finally:
+            for worker in workers.values():
+                with contextlib.suppress(psutil.Error):
+                    worker.send_signal(signal.SIGCONT)
+        time.sleep(0.2)
 
 
 def _finished(process: subprocess.Popen) -> str:
@@ -260,10 +279,8 @@ def test_job_mode_on_s3_two_ranks_killed_then_one_rank_resumes(
     env = _env(TOPTAGGER_CACHE=str(tmp_path / "cache"), TOPTAGGER_CHECKPOINT_POLL_S="0.2")
     first = subprocess.Popen(_torchrun(2, args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        while not storage.exists(f"{root}/job-7/{CHECKPOINT_FILE}"):  # mirrored by rank 0's watcher
-            assert first.poll() is None, first.stdout.read().decode() if first.stdout else ""
-            time.sleep(0.2)
-        _kill_rank(first, rank=1)
+        # once mirrored by rank 0's watcher
+        _kill_rank_when(first, lambda: storage.exists(f"{root}/job-7/{CHECKPOINT_FILE}"), rank=1)
     finally:
         log = _finished(first)
     assert first.returncode != 0 and "world size 2" in log, log
