@@ -507,6 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instead of the sweep: every runtime in-process, our server on torch and on the fastest runtime, "
         "stock KServe and real Triton on that runtime, one table (benchmarks/peers.py; writes peers.md in --out)",
     )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="--peers: rounds of every column in turn (cells are medians)"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/serving"))
     parser.add_argument("--mlflow-run-id", help="log the JSON, table and plots to this MLflow run")
     args = parser.parse_args(argv)
@@ -521,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.peers:
         from benchmarks.peers import run as run_peers
 
-        run_peers(args.model_uri, args.seconds, args.max_batch_size, args.max_latency_ms, args.out)
+        run_peers(args.model_uri, args.seconds, args.max_batch_size, args.max_latency_ms, args.out, args.rounds)
     else:
         run(args)
     return 0
