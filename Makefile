@@ -37,11 +37,14 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 # keep the wheel's PoCL.
 opencl: $(STAMP)  ## an OpenCL device that compiles kernels (installs Debian's PoCL where the wheel's cannot)
 	@mkdir -p $(POCL_CACHE_DIR)
-	@$(PY) -m fpga_runtime.devices >/dev/null 2>&1 || { \
-	  echo "no OpenCL device here compiles kernels; installing Debian's pocl-opencl-icd"; \
+	@# The engine's own kernels, run in a small network and checked against torch: the wheel's PoCL
+	@# (LLVM 14) can list a device and build a trivial kernel, then abort or segfault on these (AMD
+	@# EPYC reported as znver3, 2026-12-02), or fail every build (Zen 5 as "generic").
+	@$(PY) -m fpga_runtime.probe engine --precision fp32 >/dev/null 2>&1 || { \
+	  echo "no OpenCL device here runs the engine's kernels; installing Debian's pocl-opencl-icd"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends pocl-opencl-icd >/dev/null \
-	  && $(PY) -m fpga_runtime.devices; }
+	  && $(PY) -m fpga_runtime.devices && $(PY) -m fpga_runtime.probe engine --precision fp32 >/dev/null; }
 
 test: $(STAMP) opencl  ## lint, then the whole test suite
 	$(PY) -m ruff check .
