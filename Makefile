@@ -39,7 +39,7 @@ opencl: $(STAMP)  ## an OpenCL device that compiles kernels (installs Debian's P
 	@mkdir -p $(POCL_CACHE_DIR)
 	@# The engine's own kernels, run in a small network and checked against torch: the wheel's PoCL
 	@# (LLVM 14) can list a device and build a trivial kernel, then abort or segfault on these (AMD
-	@# EPYC reported as znver3, 2026-12-02), or fail every build (Zen 5 as "generic").
+	@# Zen 4 EPYC taken for znver3, 2026-12-02), or fail every build (Zen 5 as "generic").
 	@$(PY) -m fpga_runtime.probe engine --precision fp32 >/dev/null 2>&1 || { \
 	  echo "no OpenCL device here runs the engine's kernels; installing Debian's pocl-opencl-icd"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
