@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine, publish
-from benchmarks.serving import bounded_ratio, closed_loop, percentiles, running_server, sample_inputs, timed_calls
+from benchmarks.measure import bounded_ratio, closed_loop, percentiles, running_server, sample_inputs, timed_calls
 from serving.backends import load_backend
 from serving.triton_process import start_triton
 from serving.triton_repository import write_repository

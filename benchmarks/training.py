@@ -1,8 +1,9 @@
-"""Data-parallel training throughput and agreement: the same run on 1 rank and on N gloo ranks.
+"""Data-parallel training on 1 rank and on N gloo ranks: throughput and agreement, or memory per rank.
 
     python -m benchmarks.training --generate 1200 --ranks 1 2 --out docs/benchmarks/training.md
+    python -m benchmarks.training --generate 2000 --memory 1200000 --ranks 1 2
 
-Each world size runs the real ``python -m components.train`` (under ``torchrun --standalone`` for
+Each world size runs the real ``python -m toptagger.training`` (under ``torchrun --standalone`` for
 more than one rank) on the same jets, settings and epochs, one after the other in this process's
 sitting. Reported per world size: training jets/s (the trainer's own per-epoch figure, which
 leaves out validation and checkpoints; the mean over the epochs after the first, which warms up),
@@ -10,6 +11,12 @@ its ratio to 1 rank, the wall time, and the validation AUC of the best model wit
 error (toptagger.evaluation.metrics.tagger_metrics on the validation split). ``batch_size`` is the
 batch over all ranks, so the runs take the same steps and only the per-rank batch-norm statistics
 and float rounding tell them apart: their AUCs should agree within the bootstrap error.
+
+With ``--memory N`` the runs train a few steps on a reference-format file of N jets (the
+generated jets tiled: memory does not care which jets they are) and the table gives each world
+size's peak resident memory per rank (the trainer's ``peak_rss_mb``), against the file and the
+reading buffer (``--chunk-size`` jets): each rank holds only its share of the file, so the peak
+is that share plus a constant (torch, the network, the optimiser).
 
 Every rank gets cores / ranks torch threads (toptagger.training.distributed.threads_per_rank): on
 2 cores, 2 ranks run 1 thread each, against 2 threads for the single rank. CPU-only: on a GPU
@@ -26,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +49,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def command(ranks: int, args: list[str]) -> list[str]:
-    """``python -m components.train`` for one rank, else torchrun with ``ranks`` local processes."""
+    """``python -m toptagger.training`` for one rank, else torchrun with ``ranks`` local processes."""
     if ranks == 1:
-        return [sys.executable, "-m", "components.train", *args]
+        return [sys.executable, "-m", "toptagger.training", *args]
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    return [*run, "-m", "components.train", *args]
+    return [*run, "-m", "toptagger.training", *args]
 
 
-def run_training(ranks: int, data: Path, out: Path, config: TrainConfig) -> tuple[dict, float]:
+def run_training(
+    ranks: int, data: Path, out: Path, config: TrainConfig, extra: Sequence[str] = ()
+) -> tuple[dict, float]:
     """Train with ``ranks`` processes; the run's training.json and its wall time."""
-    args = ["--data", str(data), "--out", str(out), "--device", "cpu", "--no-progress", *to_arguments(config)]
+    args = ["--data", str(data), "--out", str(out), "--device", "cpu", "--no-progress", *to_arguments(config), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
     result = subprocess.run(command(ranks, args), cwd=REPO, env=env, capture_output=True, text=True)
@@ -92,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="jets per step over all ranks")
     parser.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
     parser.add_argument("--bootstrap", type=positive_int, default=200, help="bootstrap replicas of the AUC")
+    parser.add_argument(
+        "--memory",
+        type=positive_int,
+        metavar="N",
+        help="measure peak memory per rank instead, on a reference-format file of N jets (the jets tiled)",
+    )
+    parser.add_argument("--chunk-size", type=positive_int, default=5000, help="with --memory: jets read at a time")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="share of the jets that validates")
     parser.add_argument("--out", help="also write the markdown table here (e.g. docs/benchmarks/training.md)")
     return parser
 
@@ -115,7 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_steps_per_epoch=args.max_steps_per_epoch,
         patience=args.epochs,
         seed=args.seed,
+        val_fraction=args.val_fraction,
     )
+    if args.memory:
+        publish(memory_report(jets, args, config, argv), args.out)
+        return 0
     load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
@@ -155,6 +176,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     publish("\n".join(lines) + "\n", args.out)
     return 0
+
+
+def tiled(jets: JetBatch, n: int, chunk: int) -> Iterator[JetBatch]:
+    """``n`` jets: ``jets`` over and over, ``chunk`` at a time."""
+    for first in range(0, n, chunk):
+        rows = np.arange(first, min(first + chunk, n)) % len(jets)
+        yield jets[rows]
+
+
+def memory_report(jets: JetBatch, args: argparse.Namespace, config: TrainConfig, argv: Sequence[str] | None) -> str:
+    """Peak resident memory per rank for each world size, on one reference-format file of ``args.memory`` jets."""
+    from toptagger.jets.dataset import COLUMNS, write_jet_chunks
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-training-memory-") as tmp:
+        data = Path(tmp) / "train.h5"
+        write_jet_chunks(data, tiled(jets, args.memory, 20_000))
+        file_mb = data.stat().st_size / 2**20
+        for ranks in sorted(set(args.ranks)):
+            extra = ["--chunk-size", str(args.chunk_size), "--prefetch", "0"]
+            summary, seconds = run_training(ranks, data, Path(tmp) / f"ranks{ranks}", config, extra)
+            rows.append((ranks, max(summary["peak_rss_mb"]), summary["peak_rss_mb"], seconds))
+    buffer_mb = args.chunk_size * len(COLUMNS) * 4 / 2**20  # one chunk of the table, as read
+    base = rows[0][1]
+    command_line = " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        f"Measured with `python -m benchmarks.training {command_line}` on {machine()}, "
+        f"{time.strftime('%Y-%m-%d')}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.",
+        "",
+        f"A reference-format file of {args.memory} jets ({file_mb:.0f} MB; {len(jets)} generated jets tiled), "
+        f"read {args.chunk_size} jets at a time (a {buffer_mb:.0f} MB buffer: the file is "
+        f"{file_mb / buffer_mb:.0f}× it); ResNet-50 at {config.image.image_size}×{config.image.image_size}, "
+        f"batch {config.batch_size}, {config.max_steps_per_epoch or 'all'} step(s), validation share "
+        f"{config.val_fraction}. Peak RSS is each rank's own (getrusage), as the trainer reports it.",
+        "",
+        "| ranks | peak RSS per rank (largest) | each rank | ratio to 1 rank | wall time |",
+        "|---|---|---|---|---|",
+    ]
+    for ranks, peak, each, seconds in rows:
+        shown = ", ".join(f"{mb:.0f}" for mb in each)
+        lines.append(f"| {ranks} | {peak:.0f} MB | {shown} MB | {peak / base:.2f} | {seconds:.0f} s |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ Each module holds three things, in this order:
   runs it inside ``with step("<name>"):`` (:mod:`components.step`), which maps user errors;
 - the plain function the body calls (``train_step``, ...), testable with any object that has
   ``.path`` and ``.metadata``;
-- where the step has one, its command line (``python -m components.train``, ``.evaluate``,
-  ``.deploy``; ``python -m components.generate`` for the generator).
+- where the step has one, its command line (``python -m components.evaluate``, ``.deploy``;
+  ``python -m components.generate`` for the generator). Training's is the library's
+  (``python -m toptagger.training``), which a Kubeflow TrainJob runs under torchrun too.
 
 :mod:`pipelines.top_tagging` wires them. Module-level imports stay light (KFP's types): the
 container's executor and the pipeline compiler load these modules, and the heavy libraries

@@ -48,7 +48,7 @@ def evaluate_step(
     from toptagger.jets.compact import load_jets
     from toptagger.model import load_model
     from toptagger.onnx_export import ONNX_FILE, compare, top_probabilities
-    from toptagger.training.trainer import MODEL_DIR
+    from toptagger.training.files import MODEL_DIR
 
     jets = load_jets(test_jets.path)
     tagger = load_model(Path(model.path) / MODEL_DIR)

@@ -62,14 +62,13 @@ def register_step(
     """Log everything to the run of ``pipeline_run_id``, register a version of ``model_name``, run the gate."""
     from components.evaluate import ONNX_CHECK_FILE
     from components.step import code_version, log
-    from components.train import STATE_DICT_FILE
     from toptagger import mlflow_model, model_card, model_uri, registry
     from toptagger.errors import DataError
     from toptagger.evaluation.evaluate import METRICS_FILE, flatten
     from toptagger.jets.compact import load_jets
     from toptagger.model import read_config
     from toptagger.signature import Signature
-    from toptagger.training.trainer import HISTORY_FILE, MODEL_DIR
+    from toptagger.training.files import HISTORY_FILE, MODEL_DIR, STATE_DICT_FILE
 
     uri = registry.check_tracking()
     model_root = Path(model.path)

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import pyopencl as cl
 
-from fpga_runtime import probe as probe_mod
+from fpga_runtime import isolation, quantize
 from fpga_runtime import program as prog
-from fpga_runtime import quantize
 from fpga_runtime.devices import select_device
 from fpga_runtime.errors import InputError, PackageError, PrecisionError, UnsupportedLayerError
 from fpga_runtime.package import Package, load_package
@@ -118,7 +117,7 @@ class Engine:
         self.binary_dir = Path(binary_dir) if binary_dir is not None else package.path / "binaries"
         self.from_binary = use_binary
         if probe:
-            probe_mod.probe_engine_kernels(
+            isolation.probe_engine_kernels(
                 self.info, self.precision, self.tiles, self.binary_dir if use_binary else None
             )
         self.ctx = prog.shared_context(self.device)

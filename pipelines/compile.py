@@ -12,10 +12,10 @@ components image needs in its working directory: it tells KFP's executor which f
 containerized component (``components/Dockerfile`` copies it to ``/app/kfp_config.ini``).
 ``--check`` writes nothing and fails when the committed files differ from a fresh compile.
 The ``--gpu-*`` options place the train task on your cluster's GPU pool (see
-:mod:`pipelines.gpu_pool`; the defaults are NVIDIA's). ``--trainjob`` compiles the other form
-of the train step: a launcher task that creates a Kubeflow Trainer ``TrainJob`` of ``--nodes`` x
-``--gpus-per-node`` on that pool and waits for it (:mod:`pipelines.trainjob`,
-:mod:`components.train_job`); its default output is ``top_tagging_trainjob_<N>x<G>.yaml``.
+:mod:`toptagger.deploy.gpu_pool`; the defaults are NVIDIA's). ``--trainjob`` compiles the other
+form of the train step: a launcher task that creates a Kubeflow Trainer ``TrainJob`` of ``--nodes``
+x ``--gpus-per-node`` on that pool and waits for it (:mod:`components.trainjob`,
+:mod:`toptagger.deploy.trainjob`); its default output is ``top_tagging_trainjob_<N>x<G>.yaml``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines.gpu_pool import GpuPool
-from pipelines.trainjob import KEEP, TrainJobShape
 from toptagger.cli import positive_int, run_cli
+from toptagger.deploy.gpu_pool import GpuPool, add_gpu_pool_arguments, gpu_pool_from
+from toptagger.deploy.trainjob.render import KEEP, TrainJobShape
 from toptagger.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,27 +113,6 @@ def cluster_only_settings() -> list[str]:
         if parts:
             lines.append(f"{task}: {'; '.join(parts)}")
     return lines
-
-
-def add_gpu_pool_arguments(parser: argparse.ArgumentParser, count: bool = True) -> None:
-    """The ``--gpu-*`` options (read back by :func:`gpu_pool_from`); ``count=False`` leaves out ``--gpu-count``."""
-    pool = parser.add_argument_group("GPU pool of the training pods (defaults: NVIDIA's)")
-    pool.add_argument("--gpu-resource", help="extended resource to request (default nvidia.com/gpu)")
-    if count:
-        pool.add_argument("--gpu-count", type=int, help="how many for the single train pod (default 1)")
-    pool.add_argument(
-        "--gpu-node-selector", help="KEY=VALUE node label of the pool, or none (default nvidia.com/gpu.present=true)"
-    )
-    pool.add_argument(
-        "--gpu-toleration",
-        help="KEY[=VALUE][:EFFECT] taint of the pool to tolerate, or none (default nvidia.com/gpu:NoSchedule)",
-    )
-
-
-def gpu_pool_from(args: argparse.Namespace) -> GpuPool:
-    """The pool of parsed :func:`add_gpu_pool_arguments` options (names a bad one)."""
-    count = getattr(args, "gpu_count", None)
-    return GpuPool.parse(args.gpu_resource, count, args.gpu_node_selector, args.gpu_toleration)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

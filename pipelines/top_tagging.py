@@ -25,8 +25,10 @@ from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Metrics
 from kfp.dsl.python_component import PythonComponent
 
-from components import data, deploy, evaluate, preprocess, register, train, train_job
-from pipelines.cluster import (  # the Secrets (created once per namespace) and the training pods' size
+from components import data, deploy, evaluate, preprocess, register, train
+from components import trainjob as launcher  # the name trainjob is build_pipeline's TrainJobShape
+from toptagger.constants import EXPERIMENT, GRPC_PORT, HTTP_PORT, IMAGE_SIZE, MODEL_NAME
+from toptagger.deploy.cluster import (  # the Secrets (created once per namespace) and the training pods' size
     MLFLOW_KEYS,
     MLFLOW_OPTIONAL_KEYS,
     MLFLOW_SECRET,
@@ -36,9 +38,8 @@ from pipelines.cluster import (  # the Secrets (created once per namespace) and 
     TRAIN_CPU,
     TRAIN_MEMORY,
 )
-from pipelines.gpu_pool import GpuPool
-from pipelines.trainjob import TrainJobShape, pool_flags
-from toptagger.constants import EXPERIMENT, GRPC_PORT, HTTP_PORT, MODEL_NAME
+from toptagger.deploy.gpu_pool import GpuPool
+from toptagger.deploy.trainjob.render import TrainJobShape, pool_flags
 
 # The component functions, in pipeline order (pipelines.compile maps each to its file in kfp_config.ini).
 STEPS = (
@@ -47,7 +48,7 @@ STEPS = (
     data.data,
     preprocess.preprocess,
     train.train,
-    train_job.train_job,
+    launcher.trainjob,
     evaluate.evaluate,
     register.register,
     deploy.deploy,
@@ -105,7 +106,7 @@ class Components(NamedTuple):
     data: PythonComponent
     preprocess: PythonComponent
     train: PythonComponent
-    train_job: PythonComponent
+    trainjob: PythonComponent
     evaluate: PythonComponent
     register: PythonComponent
     deploy: PythonComponent
@@ -159,7 +160,7 @@ def build_pipeline(
 
     ``gpu_pool`` is where the train task runs on a cluster (kfp.local ignores it). ``trainjob``
     makes the train task a launcher of a Kubeflow Trainer TrainJob of that shape on
-    ``trainjob.pool`` (``components/train_job.py``); the launcher itself needs no GPU.
+    ``trainjob.pool`` (``components/trainjob.py``); the launcher itself needs no GPU.
     """
     c = make_components(image, local)
 
@@ -170,7 +171,7 @@ def build_pipeline(
         n_background: int = 3000,
         n_shards: int = 1,
         generator_workers: int = 0,
-        image_size: int = 40,
+        image_size: int = IMAGE_SIZE,
         epochs: int = 5,
         batch_size: int = 32,
         learning_rate: float = 1e-3,
@@ -250,7 +251,7 @@ def build_pipeline(
         else:  # the TrainJob's pods get the Secrets themselves (secretKeyRef); the launcher needs S3
             shape = {"nodes": trainjob.nodes, "gpus_per_node": trainjob.gpus_per_node, "keep": trainjob.keep}
             shape |= {"namespace": trainjob.namespace, "image": image, **pool_flags(trainjob.pool)}
-            train_task = _with_secrets(c.train_job(**training, **shape))
+            train_task = _with_secrets(c.trainjob(**training, **shape))
         # Training resumes its checkpoint (a retried launcher follows or replaces its TrainJob),
         # registration finds its run and version again: both retry safely. Only the data steps are
         # cached: training, evaluation, registration and deployment are what a new run is for.

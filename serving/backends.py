@@ -13,8 +13,6 @@ stays instant.
 from __future__ import annotations
 
 import logging
-import math
-import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +21,7 @@ import numpy as np
 
 from toptagger.errors import ConfigError, TaggerError
 from toptagger.model_uri import fetch_model_dir
+from toptagger.resources import cpu_limit
 
 if TYPE_CHECKING:
     from toptagger.images import ImageConfig
@@ -135,17 +134,6 @@ class OpenCLBackend(Backend):
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.engine.predict(self._model_channels(images))
-
-
-def cpu_limit() -> int:
-    """Cores this process may use: its cgroup CPU limit (a pod's ``limits.cpu``), else its CPU affinity."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    return len(os.sched_getaffinity(0))
 
 
 def _onnx_graph(model_dir: Path) -> Path:

@@ -19,7 +19,9 @@ CPU cores with 8 gRPC clients: 124 jets/s with the groups left split (alternatin
 171 merged (docs/benchmarks/serving). ``max_latency_ms`` thus bounds how long a request waits for
 company while the device is idle.
 When the queue is full, :class:`QueueFull` is raised at once, so that latency stays bounded and
-the client can back off or go elsewhere.
+the client can back off or go elsewhere. A closed batcher (:meth:`DynamicBatcher.shutdown`, when
+the model stops) answers every waiting and later request with :class:`BatcherClosed` at once,
+rather than leaving its callers waiting for a worker that is gone.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ import numpy as np
 
 class QueueFull(RuntimeError):
     """The batching queue is full; the request was not accepted (HTTP 503 / RESOURCE_EXHAUSTED)."""
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was shut down (the model stopped); the request was not run."""
 
 
 @dataclass
@@ -98,6 +104,7 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._closed: str | None = None  # why the batcher was shut down; None while it serves
         # One thread: batches run one after another, which is what an accelerator does anyway,
         # and torch/OpenCL use their own threads inside a batch. A caller may pass the thread
         # that built the model (see serving.predictor: torch is 1.8x slower on 2 cores when its
@@ -111,6 +118,8 @@ class DynamicBatcher:
 
     async def submit(self, rows: np.ndarray) -> np.ndarray:
         """Queue ``rows`` ([n, ...], n <= max_batch_size) and return their outputs."""
+        if self._closed is not None:
+            raise BatcherClosed(self._closed)
         if len(rows) > self.max_batch_size:
             raise ValueError(f"{len(rows)} rows exceed the maximum batch size {self.max_batch_size}")
         if len(self._queue) >= self.max_queue:
@@ -135,16 +144,20 @@ class DynamicBatcher:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = await self._collect()
-            await self._execute(batch)
+            batch: list[_Pending] = []
+            try:
+                await self._collect(batch)
+                await self._execute(batch)
+            except asyncio.CancelledError:  # shut down while collecting or running: answer its callers
+                _fail(batch, BatcherClosed(self._closed or "the batcher was stopped"))
+                raise
 
-    async def _collect(self) -> list[_Pending]:
-        """Take requests until the batch is full, the expected requests are in, or max_latency passed."""
+    async def _collect(self, batch: list[_Pending]) -> None:
+        """Take requests into ``batch`` until it is full, the expected requests are in, or max_latency passed."""
         assert self._wakeup is not None
         # Counted from now (the device just became free, or the first request just arrived), so
         # that requests queued behind a busy device can still wait for the clients answered last.
         deadline = time.perf_counter() + self.max_latency_s
-        batch: list[_Pending] = []
         rows = 0
         while True:
             while self._queue and rows + len(self._queue[0].rows) <= self.max_batch_size:
@@ -155,7 +168,7 @@ class DynamicBatcher:
                 rows += len(item.rows)
             remaining = deadline - time.perf_counter()
             if rows >= self.max_batch_size or self._queue or remaining <= 0 or len(batch) >= self._expected_requests:
-                return batch
+                return
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
@@ -166,12 +179,14 @@ class DynamicBatcher:
         start_ns = time.perf_counter_ns()
         merged = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
         try:
+            if self._closed is not None:  # shut down from another thread: its executor may be gone
+                raise BatcherClosed(self._closed)
             outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, merged)
         except Exception as exc:  # a failing batch fails its own callers, never the server
             self.stats.fail_count += len(batch)
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
+            if self._closed is not None and not isinstance(exc, BatcherClosed):
+                exc = BatcherClosed(self._closed)  # the executor refused the batch: it was shut down
+            _fail(batch, exc)
             return
         compute_ns = time.perf_counter_ns() - start_ns
         self._expected_requests = min(len(batch) + len(self._queue), self.max_batch_size)
@@ -198,14 +213,58 @@ class DynamicBatcher:
         if self.on_batch is not None:
             self.on_batch(size, compute_ns / 1e9, queue_ns / 1e9 / len(batch))
 
-    async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        for pending in self._queue:
-            if not pending.future.done():
-                pending.future.set_exception(QueueFull("the server is shutting down"))
-        self._queue.clear()
+    def shutdown(self, reason: str = "the server is shutting down") -> None:
+        """Stop taking requests and fail the waiting ones with :class:`BatcherClosed`; from any thread.
+
+        The worker task is cancelled on its own event loop (at once from that loop's thread, else
+        as soon as that loop runs), and its callers, queued or in the batch being collected or run,
+        get the error there. A batch already running on the device finishes there; its answer is
+        dropped. A thread the batcher made itself is ended before this returns; a caller's
+        executor (``executor=``) is the caller's to shut down.
+        """
+        if self._closed is not None:
+            return
+        self._closed = reason
+        worker, self._worker = self._worker, None
+
+        def fail_on_the_loop() -> None:  # on the loop's thread, so no submit() runs meanwhile
+            queued = list(self._queue)
+            self._queue.clear()
+            _fail(queued, BatcherClosed(reason))
+            if worker is not None:
+                worker.cancel()
+
+        # Without a worker nothing was ever queued; a closed loop took its worker and callers with it.
+        loop = worker.get_loop() if worker is not None else None
+        if loop is None or loop.is_closed():
+            self._queue.clear()
+        elif _running_loop() is loop:
+            fail_on_the_loop()
+        else:  # asyncio's futures and tasks belong to their loop's thread
+            try:
+                loop.call_soon_threadsafe(fail_on_the_loop)
+            except RuntimeError:  # the loop closed meanwhile
+                self._queue.clear()
         if self._owns_executor:
-            self._executor.shutdown(wait=False)
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def close(self) -> None:
+        """:meth:`shutdown` from the worker's event loop, and wait until the worker has ended."""
+        worker = self._worker
+        self.shutdown()
+        if worker is not None and worker.get_loop() is asyncio.get_running_loop():
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+
+def _fail(batch: Iterable[_Pending], exc: BaseException) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(exc)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # this thread runs no event loop
+        return None

@@ -3,28 +3,35 @@
 Lifecycle (KServe's hooks):
 - ``load()`` resolves the model URI, builds the backend (torch or OpenCL) and the batchers. If
   anything fails, the model stays registered but not ready, and the reason is kept for the
-  readiness answer and the log; the server itself stays up.
+  readiness answer and the log; the server itself stays up. KServe's data plane calls ``load()``
+  again on every request to a model that is not ready, so a load may be retried many times: all
+  of them use the one device thread of the object's life, and a loaded model loads nothing again.
 - ``predict()`` (KServe's REST path) validates the request against the
   :class:`~serving.contract.Contract`; ``classify()``, shared with the gRPC fast path, waits for
   its rows from the :class:`~serving.batching.DynamicBatcher` of its input kind. Batches of
   constituents are rendered with the training-time image configuration.
+- ``stop()`` (KServe's unload hook: ``ModelRepository.unload``, which the server's shutdown calls
+  for every model) closes the batchers and ends the device thread, so no thread is left. Waiting
+  and later requests get :class:`~kserve.errors.ModelNotReady` (HTTP 503) at once, and a stopped
+  model does not load again: KServe drops it from its repository, and a new load is a new object.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from kserve import Model
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from serving import metrics
 from serving.backends import Backend, load_backend
-from serving.batching import DynamicBatcher, QueueFull
+from serving.batching import BatcherClosed, DynamicBatcher, QueueFull
 from serving.contract import Contract
 from serving.errors import ServerOverloaded
 from toptagger.constants import MODEL_NAME
@@ -65,26 +72,51 @@ class TopTagger(Model):
         self.batchers: dict[str, DynamicBatcher] = {}
         self.contract: Contract | None = None
         self.not_ready_reason: str | None = "not loaded yet"
+        # The backend is built and run on one dedicated thread: torch's OpenMP pool belongs to the
+        # thread that first used it, and a second thread's pool competes with it (measured: 13 ms
+        # -> 24 ms per batch-1 ResNet-50 call at 64x64 on 2 cores). One for the object's life:
+        # started by the first load(), reused by every retry, ended by stop().
         self.device_thread: ThreadPoolExecutor | None = None
+        self.stopped = False
+        # load() runs at start-up and on KServe's event loop (a retry per request); stop() in a
+        # signal handler. One at a time, so that a retry never builds a second backend. Reentrant:
+        # the signal handler may run stop() on the thread that is inside load().
+        self._lifecycle = threading.RLock()
 
     # --- lifecycle ------------------------------------------------------------------------------
     def load(self) -> bool:
-        try:
-            # The backend is built and run on one dedicated thread: torch's OpenMP pool belongs
-            # to the thread that first used it, and a second thread's pool competes with it
-            # (measured: 13 ms -> 24 ms per batch-1 ResNet-50 call at 64x64 on 2 cores).
-            self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
-            self.backend = self.device_thread.submit(
-                load_backend, self.model_uri, self.backend_name, self.fallback, self.precision
-            ).result()
-        except TaggerError as exc:
-            self.ready = False
-            self.not_ready_reason = f"cannot load model {self.model_uri!r} with backend {self.backend_name}: {exc}"
-            log.error(self.not_ready_reason)
-            return False
-        max_batch = min(self.batching.max_batch_size, self.backend.max_batch_size or self.batching.max_batch_size)
-        self.contract = Contract(self.backend.channels, self.backend.image_size, max_batch)
-        backend = self.backend
+        """Build the backend and the batchers; False (not ready, with the reason) where that fails.
+
+        Loading a loaded model does nothing; a failed load may be retried; a stopped model refuses.
+        """
+        with self._lifecycle:
+            if self.stopped:
+                log.error("model %s: load() after stop() refused (%s)", self.model_uri, self.not_ready_reason)
+                return False
+            if self.ready:
+                return True  # loaded already: the backend and its batchers stay as they are
+            if self.device_thread is None:
+                self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+            try:
+                backend = self.device_thread.submit(
+                    load_backend, self.model_uri, self.backend_name, self.fallback, self.precision
+                ).result()
+            except TaggerError as exc:
+                if not self.stopped:  # else stop() ran in a signal handler meanwhile and said why
+                    self.not_ready_reason = (
+                        f"cannot load model {self.model_uri!r} with backend {self.backend_name}: {exc}"
+                    )
+                    log.error(self.not_ready_reason)
+                return False
+            if self.stopped:
+                return False
+            self.backend = backend
+            self._start_batchers(backend, self.device_thread)
+        return True
+
+    def _start_batchers(self, backend: Backend, device_thread: ThreadPoolExecutor) -> None:
+        max_batch = min(self.batching.max_batch_size, backend.max_batch_size or self.batching.max_batch_size)
+        self.contract = Contract(backend.channels, backend.image_size, max_batch)
         runners = {IMAGES: backend.predict, CONSTITUENTS: lambda jets: backend.predict(backend.render(jets))}
         self.batchers = {
             kind: DynamicBatcher(
@@ -93,7 +125,7 @@ class TopTagger(Model):
                 max_latency_ms=self.batching.max_latency_ms,
                 max_queue=self.batching.max_queue,
                 on_batch=metrics.observe_batch,
-                executor=self.device_thread,
+                executor=device_thread,
             )
             for kind, run in runners.items()
         }
@@ -102,17 +134,30 @@ class TopTagger(Model):
         log.info(
             "model %s ready: backend %s, input [N, %d, %d, %d], max batch %d",
             self.model_uri,
-            self.backend.description,
-            self.backend.channels,
-            self.backend.image_size,
-            self.backend.image_size,
+            backend.description,
+            backend.channels,
+            backend.image_size,
+            backend.image_size,
             max_batch,
         )
-        return True
 
     def stop(self) -> None:
-        self.ready = False
-        self.not_ready_reason = "stopped"
+        """End serving for good: fail waiting requests, close the batchers, end the device thread.
+
+        Returns once the device thread has ended (after the batch it may be running). From any
+        thread; a second call does nothing.
+        """
+        with self._lifecycle:
+            if self.stopped:
+                return
+            self.stopped = True
+            self.ready = False
+            self.not_ready_reason = "stopped: the server is shutting down, or the model was unloaded"
+            for batcher in self.batchers.values():
+                batcher.shutdown(f"model '{self.name}' {self.not_ready_reason}")
+            if self.device_thread is not None:
+                self.device_thread.shutdown(wait=True, cancel_futures=True)
+            log.info("model %s stopped", self.model_uri)
 
     # --- metadata -------------------------------------------------------------------------------
     def get_input_types(self) -> list[dict]:
@@ -125,7 +170,8 @@ class TopTagger(Model):
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferResponse:
         if not isinstance(payload, InferRequest):
             raise InvalidInput("the top tagger speaks the v2 (Open Inference) protocol only")
-        assert self.contract is not None
+        if self.contract is None or self.stopped:
+            raise ModelNotReady(self.name, self.not_ready_reason)
         probabilities = await self.classify(*self.contract.parse(payload))
         output = InferOutput(PROBABILITIES, list(probabilities.shape), DATATYPE)
         # KServe re-encodes outputs on the way out: binary (the binary tensor extension) when the
@@ -145,9 +191,14 @@ class TopTagger(Model):
         Shared by both transports: KServe's REST path (``predict``) and the gRPC fast path
         (:mod:`serving.grpc_infer`).
         """
+        batcher = None if self.stopped else self.batchers.get(input_name)
+        if batcher is None:  # stopped, or never loaded: say why rather than wait for a batcher
+            raise ModelNotReady(self.name, self.not_ready_reason)
         metrics.QUEUE_DEPTH.set(sum(b.queue_depth for b in self.batchers.values()))
         try:
-            probabilities = await self.batchers[input_name].submit(rows)
+            probabilities = await batcher.submit(rows)
         except QueueFull as exc:
             raise ServerOverloaded(str(exc)) from None
+        except BatcherClosed:  # stopped while this request waited
+            raise ModelNotReady(self.name, self.not_ready_reason) from None
         return np.ascontiguousarray(probabilities, dtype=np.float32)

@@ -23,6 +23,11 @@ HTTP_PORT, GRPC_PORT = 8080, 8081
 N_CONSTITUENTS = 200
 FOUR_VECTOR = ("E", "px", "py", "pz")
 
+# Jet image size in pixels unless a run chooses one: the one default of ImageConfig, jet_images,
+# the training and tagger configs and the pipeline's image_size. 40 trains in minutes on a few CPU
+# cores (make demo); full-scale runs choose the paper's 224 (toptagger.images.PAPER_IMAGE_SIZE).
+IMAGE_SIZE = 40
+
 # The kustomize overlays of the InferenceService (manifests/overlays/<overlay>): one per node pool.
 OVERLAYS = ("cpu", "gpu", "fpga")
 

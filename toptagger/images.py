@@ -17,9 +17,10 @@ Preprocessing steps, each switchable, all vectorised over the batch:
    the jet's (vector) pT as in CMSSW, or, with ``normalize``, the scalar pT sum inside the window,
    so that every non-empty image sums to 1.
 
-With ``center="axis"``, no rotation, no flip, no normalisation, half-width 1.0 and 224 pixels the
-output is the paper's CMSSW image (which then copies it into 3 channels; see
-:func:`three_channels`). These are the defaults.
+With ``center="axis"``, no rotation, no flip, no normalisation, half-width 1.0 and 224 pixels
+(:data:`PAPER_IMAGE_SIZE`) the output is the paper's CMSSW image (which then copies it into 3
+channels; see :func:`three_channels`). These are the defaults, except the size: that defaults to
+the project's :data:`~toptagger.constants.IMAGE_SIZE` (small enough to train on CPUs).
 
 Written once against torch: numpy input is wrapped without copying and the result returned as
 numpy; torch input stays on its device (a GPU batch never goes through the host).
@@ -34,10 +35,12 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import torch
 
+from toptagger.constants import IMAGE_SIZE
 from toptagger.errors import ConfigError, DataError
 
 Center = Literal["axis", "centroid", "leading"]
 CENTERS: tuple[str, ...] = ("axis", "centroid", "leading")
+# The paper's image size (CMSSW's JetImageProducer): what full-scale runs choose, not a default.
 PAPER_IMAGE_SIZE = 224
 # Constituent slots per internal block of jets: keeps the [B, M] temporaries inside the CPU
 # caches. Blocking is over whole batches of jets, so there is still no Python loop per jet or
@@ -54,8 +57,10 @@ ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 class ImageConfig:
     """Every choice that shapes an image; saved beside a model so serving renders the same images."""
 
-    # metadata["help"] is what ``python -m components.train --help`` shows (toptagger.training.config).
-    image_size: int = field(default=PAPER_IMAGE_SIZE, metadata={"help": "image size in pixels (the paper: 224)"})
+    # metadata["help"] is what ``python -m toptagger.training --help`` shows (toptagger.training.config).
+    image_size: int = field(
+        default=IMAGE_SIZE, metadata={"help": f"image size in pixels (the paper: {PAPER_IMAGE_SIZE})"}
+    )
     half_width: float = field(default=1.0, metadata={"help": "half-width of the image in eta and phi"})
     center: str = field(
         default="axis",
@@ -142,7 +147,7 @@ def check_constituents(constituents: object) -> torch.Tensor:
 
 def jet_images(
     constituents: ArrayT,
-    image_size: int = PAPER_IMAGE_SIZE,
+    image_size: int = IMAGE_SIZE,
     half_width: float = 1.0,
     center: str = "axis",
     rotate: bool = False,
@@ -152,7 +157,8 @@ def jet_images(
     """Render float32 ``[N, M, 4]`` constituents as float32 ``[N, 1, S, S]`` jet images.
 
     numpy in, numpy out; a torch tensor in gives a tensor on the same device. The defaults are the
-    paper's CMSSW producer (224 pixels, +-1 around the jet axis, pT / pT_jet, no rotation or flip).
+    paper's CMSSW producer (+-1 around the jet axis, pT / pT_jet, no rotation or flip) at the
+    project's :data:`~toptagger.constants.IMAGE_SIZE`; the paper's size is :data:`PAPER_IMAGE_SIZE`.
     Raises :class:`DataError` for a wrong shape, dtype or non-finite values and
     :class:`ConfigError` for impossible options.
     """

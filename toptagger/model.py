@@ -50,7 +50,7 @@ FORMAT_VERSION = 1
 class TaggerConfig:
     """Everything needed to rebuild the network and its input images."""
 
-    image: ImageConfig = field(default_factory=lambda: ImageConfig(image_size=64))
+    image: ImageConfig = field(default_factory=ImageConfig)
     in_channels: int = 3
     num_classes: int = 2
     arch: str = "resnet50"

@@ -13,7 +13,6 @@ import torch
 from kfp import dsl
 
 from components.register import register_step
-from components.train import STATE_DICT_FILE
 from tests.components.artifacts import artifact
 from tests.toptagger.conftest import local_store
 from toptagger import registry
@@ -24,7 +23,7 @@ from toptagger.jets.compact import jets_hash, save_jets
 from toptagger.jets.dataset import JetBatch
 from toptagger.model import load_model
 from toptagger.training.config import TrainConfig
-from toptagger.training.trainer import HISTORY_FILE, MODEL_DIR
+from toptagger.training.files import HISTORY_FILE, MODEL_DIR, STATE_DICT_FILE
 
 
 @pytest.fixture

@@ -246,7 +246,7 @@ ROLES = {
             "verbs": ["create", "get", "list", "watch", "patch"],
         }
     ],
-    # the TrainJob launcher (toptagger/deploy/trainjob.py): its jobs, their pods and logs
+    # the TrainJob launcher (toptagger/deploy/trainjob/run.py): its jobs, their pods and logs
     "top-tagger-trainer": [
         {
             "apiGroups": ["trainer.kubeflow.org"],

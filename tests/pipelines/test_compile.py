@@ -15,14 +15,16 @@ import yaml
 
 from pipelines import compile as compile_module
 from pipelines import top_tagging
-from pipelines.trainjob import TrainJobShape
+from toptagger.deploy.gpu_pool import GpuPool
+from toptagger.deploy.trainjob.render import TrainJobShape
+from toptagger.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "manifests" / "pipelines" / "top_tagging.yaml"
 # The component functions and their files (the data module holds the generation's fan-out too).
-STEPS = ["plan_shards", "generate_shard", "data", "preprocess", "train", "train_job", "evaluate", "register",
+STEPS = ["plan_shards", "generate_shard", "data", "preprocess", "train", "trainjob", "evaluate", "register",
          "deploy"]  # fmt: skip
-SINGLE_POD = [s for s in STEPS if s != "train_job"]  # train_job replaces train in the TrainJob form
+SINGLE_POD = [s for s in STEPS if s != "trainjob"]  # trainjob replaces train in the TrainJob form
 FILES = {step: f"components/{step}.py" for step in STEPS} | {
     "plan_shards": "components/data.py",
     "generate_shard": "components/data.py",
@@ -135,8 +137,11 @@ def test_the_components_run_containerized_as_in_the_image(tmp_path: Path) -> Non
     """KFP's executor in containerized mode, in a folder laid out like the image's /app."""
     app = tmp_path / "app"
     app.mkdir()
-    for package in ("components", "pipelines", "toptagger", "serving", "fpga_runtime"):
-        (app / package).symlink_to(REPO / package)
+    from tests.serving.test_image import copied_paths
+
+    for package in copied_paths(REPO / "components" / "Dockerfile"):  # the folders it copies
+        if "/" not in package:
+            (app / package).symlink_to(REPO / package)
     shutil.copyfile(compile_module.KFP_CONFIG, app / "kfp_config.ini")  # components/Dockerfile does this copy
     out = tmp_path / "out"
     executor_input = {
@@ -192,8 +197,8 @@ def test_the_trainjob_launcher_replaces_the_train_task(
 ) -> None:
     spec, k8s = trainjob_compiled
     dag = spec["root"]["dag"]["tasks"]
-    assert "train" not in dag and "train-job" in dag
-    launcher = dag["train-job"]
+    assert "train" not in dag and "trainjob" in dag
+    launcher = dag["trainjob"]
     constants = {name: value["runtimeValue"]["constant"] for name, value in launcher["inputs"]["parameters"].items()
                  if "runtimeValue" in value}  # fmt: skip
     assert constants == {"nodes": 2, "gpus_per_node": 4, "image": top_tagging.COMPONENTS_IMAGE, "namespace": "",
@@ -204,14 +209,14 @@ def test_the_trainjob_launcher_replaces_the_train_task(
     assert launcher["retryPolicy"]["maxRetryCount"] == 2 and not launcher.get("cachingOptions", {}).get("enableCache")
     # The evaluate and register steps take the launcher's model, as they take the train step's.
     for step in ("evaluate", "register"):
-        assert dag[step]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "train-job"
+        assert dag[step]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "trainjob"
     # The launcher waits; the TrainJob's nodes hold the GPUs (its runtime patch, not the launcher pod).
-    executor = spec["deploymentSpec"]["executors"]["exec-train-job"]["container"]
+    executor = spec["deploymentSpec"]["executors"]["exec-trainjob"]["container"]
     assert "accelerator" not in executor.get("resources", {})
-    assert "nodeSelector" not in k8s["exec-train-job"] and "tolerations" not in k8s["exec-train-job"]
-    env = {item["envVar"] for secret in k8s["exec-train-job"]["secretAsEnv"] for item in secret["keyToEnv"]}
+    assert "nodeSelector" not in k8s["exec-trainjob"] and "tolerations" not in k8s["exec-trainjob"]
+    env = {item["envVar"] for secret in k8s["exec-trainjob"]["secretAsEnv"] for item in secret["keyToEnv"]}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= env
-    assert executor["args"][-2:] == ["--function_to_execute", "train_job"]
+    assert executor["args"][-2:] == ["--function_to_execute", "trainjob"]
 
 
 def test_compile_help_and_trainjob_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,3 +231,27 @@ def test_compile_help_and_trainjob_options_are_checked(capsys: pytest.CaptureFix
     assert "a TrainJob takes --gpus-per-node" in capsys.readouterr().err
     assert run_cli(compile_module.main, ["--nodes", "2", "--check"]) == 2
     assert "need --trainjob" in capsys.readouterr().err
+
+
+def test_compiled_train_task_asks_for_the_given_pool() -> None:
+    pool = GpuPool.parse("amd.com/gpu", 2, "cloud.google.com/gke-nodepool=gpu-pool", "dedicated=gpu:NoSchedule")
+    spec, platform = yaml.safe_load_all(compile_module.compile_yaml(gpu_pool=pool))
+    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "amd.com/gpu"
+    assert resources["accelerator"]["resourceCount"] == "2"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert k8s["nodeSelector"] == {"labels": {"cloud.google.com/gke-nodepool": "gpu-pool"}}
+    assert k8s["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]
+
+    bare = GpuPool.parse(node_selector="none", toleration="none")
+    spec, platform = yaml.safe_load_all(compile_module.compile_yaml(gpu_pool=bare))
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert "nodeSelector" not in k8s and "tolerations" not in k8s
+    assert spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
+
+
+def test_compile_cli_rejects_a_bad_pool_before_writing(tmp_path: Path) -> None:
+    out = tmp_path / "pipeline.yaml"
+    with pytest.raises(ConfigError, match="--gpu-node-selector"):
+        compile_module.main(["--out", str(out), "--gpu-node-selector", "no-equals-sign"])
+    assert not out.exists()

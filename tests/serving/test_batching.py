@@ -1,15 +1,16 @@
-"""The dynamic batcher on its own: merging, ownership of rows, backpressure, failures."""
+"""The dynamic batcher on its own: merging, ownership of rows, backpressure, failures, shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from serving.batching import DynamicBatcher, QueueFull
+from serving.batching import BatcherClosed, DynamicBatcher, QueueFull
 
 
 def row_sums(batch: np.ndarray) -> np.ndarray:
@@ -145,3 +146,53 @@ def test_oversized_request_is_refused() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_shutdown_answers_running_and_queued_callers_and_refuses_new_ones() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow(batch: np.ndarray) -> np.ndarray:
+        started.set()
+        release.wait(10)
+        return row_sums(batch)
+
+    async def scenario() -> list[BaseException | np.ndarray]:
+        batcher = DynamicBatcher(slow, max_batch_size=1, max_latency_ms=0, max_queue=10)
+        running = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32)))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)  # the first batch runs
+        queued = [asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32))) for _ in range(3)]
+        await asyncio.sleep(0)
+        release.set()  # the running batch may finish on its thread; its answer is dropped
+        batcher.shutdown("model stopped")  # from the loop's own thread, as KServe's signal handler does
+        with pytest.raises(BatcherClosed, match="model stopped"):
+            await batcher.submit(np.ones((1, 1), np.float32))
+        return await asyncio.gather(running, *queued, return_exceptions=True)
+
+    before = set(threading.enumerate())
+    answers = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert all(isinstance(a, BatcherClosed) and "model stopped" in str(a) for a in answers), answers
+    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("batch")]  # its thread ended
+
+
+def test_shutdown_from_another_thread_answers_the_callers_on_their_loop() -> None:
+    release = threading.Event()
+
+    def slow(batch: np.ndarray) -> np.ndarray:
+        release.wait(10)
+        return row_sums(batch)
+
+    async def scenario(executor: ThreadPoolExecutor) -> list[BaseException | np.ndarray]:
+        batcher = DynamicBatcher(slow, max_batch_size=1, max_latency_ms=0, executor=executor)
+        waiting = [asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32))) for _ in range(3)]
+        await asyncio.sleep(0.05)  # the first batch runs, two requests wait
+        stopper = threading.Thread(target=batcher.shutdown, args=("stopped elsewhere",))
+        stopper.start()
+        stopper.join(10)  # returns at once: the executor is the caller's, so nothing to wait for
+        release.set()
+        answers = await asyncio.gather(*waiting, return_exceptions=True)
+        await batcher.close()  # a second close does nothing
+        return answers
+
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        answers = asyncio.run(asyncio.wait_for(scenario(executor), timeout=30))
+    assert all(isinstance(a, BatcherClosed) and "stopped elsewhere" in str(a) for a in answers), answers

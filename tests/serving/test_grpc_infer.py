@@ -63,8 +63,7 @@ def tagger(model_dir: Path, one_torch_thread: None) -> Iterator[TopTagger]:
     assert model.load(), model.not_ready_reason
     assert on_device(model, torch.get_num_threads) == 1
     yield model
-    assert model.device_thread is not None
-    model.device_thread.shutdown(wait=True)
+    model.stop()
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +73,8 @@ def servicer(tagger: TopTagger) -> TaggerServicer:
 
 
 @pytest.fixture(scope="module")
-def jets(small_jets: JetBatch) -> np.ndarray:
-    """Two top and two QCD jets, picked with a seeded generator: float32 [4, 200, 4]."""
+def four_jets(small_jets: JetBatch) -> np.ndarray:
+    """Two top and two QCD jets, picked with a seeded generator: float32 [4, 200, 4] (the shared ``jets`` has 6)."""
     rng = np.random.default_rng(99)
     top = rng.choice(np.flatnonzero(small_jets.labels == 1), 2, replace=False)
     qcd = rng.choice(np.flatnonzero(small_jets.labels == 0), 2, replace=False)
@@ -83,10 +82,10 @@ def jets(small_jets: JetBatch) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def images(tagger: TopTagger, jets: np.ndarray) -> np.ndarray:
-    """The jets as the CMSSW producer sends them: rendered, three copies, float32 [4, 3, 32, 32]."""
+def images(tagger: TopTagger, four_jets: np.ndarray) -> np.ndarray:
+    """The four jets as the CMSSW producer sends them: rendered, three copies, float32 [4, 3, 32, 32]."""
     assert tagger.backend is not None
-    return np.ascontiguousarray(three_channels(on_device(tagger, tagger.backend.render, jets)))
+    return np.ascontiguousarray(three_channels(on_device(tagger, tagger.backend.render, four_jets)))
 
 
 def infer_request(
@@ -297,12 +296,12 @@ def test_good_images_are_answered_with_the_backends_probabilities(
 
 
 def test_good_constituents_are_answered_with_the_backends_probabilities(
-    servicer: TaggerServicer, tagger: TopTagger, jets: np.ndarray
+    servicer: TaggerServicer, tagger: TopTagger, four_jets: np.ndarray
 ) -> None:
-    response = model_infer(servicer, infer_request("constituents", jets), RecordingContext())
+    response = model_infer(servicer, infer_request("constituents", four_jets), RecordingContext())
     backend = tagger.backend
     assert backend is not None
-    expected = on_device(tagger, lambda: backend.predict(backend.render(jets)))
+    expected = on_device(tagger, lambda: backend.predict(backend.render(four_jets)))
     np.testing.assert_array_equal(probabilities_of(response), expected)
     # float32 softmax of 2 classes: each row sums to 1 within a few ulp
     np.testing.assert_allclose(probabilities_of(response).sum(axis=1), 1.0, rtol=0, atol=1e-6)

@@ -3,8 +3,9 @@
 Covers ``load()`` (success: ready, contract and batchers from the backend; failure: not ready, with
 a reason naming the URI and the backend, and no exception), ``classify()`` through the dynamic
 batcher for images and for constituents (rendered with the model's own image configuration),
-the merging of concurrent requests, a full queue (:class:`serving.errors.ServerOverloaded`) and
-``predict()`` of a KServe ``InferRequest``.
+the merging of concurrent requests, a full queue (:class:`serving.errors.ServerOverloaded`),
+``predict()`` of a KServe ``InferRequest``, and the lifecycle's threads: one device thread per
+object however often ``load()`` runs, none left after ``stop()``, which answers every request.
 
 Reference answers come from the same backend object, run on the predictor's device thread: where
 a request is one batch, the code path is the batcher's own, so answers are compared bit for bit.
@@ -13,6 +14,7 @@ a request is one batch, the code path is the batcher's own, so answers are compa
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest
 
 from serving.contract import Contract
@@ -49,17 +51,7 @@ def tagger(model_dir: Path, one_torch_thread: None) -> Iterator[TopTagger]:
     assert model.backend is not None and model.backend.device.type == "cpu"
     assert on_device(model, torch.get_num_threads) == 1
     yield model
-    assert model.device_thread is not None
-    model.device_thread.shutdown(wait=True)
-
-
-@pytest.fixture(scope="module")
-def jets(small_jets: JetBatch) -> np.ndarray:
-    """Three top and three QCD jets, picked with a seeded generator: float32 [6, 200, 4]."""
-    rng = np.random.default_rng(2024)
-    top = rng.choice(np.flatnonzero(small_jets.labels == 1), 3, replace=False)
-    qcd = rng.choice(np.flatnonzero(small_jets.labels == 0), 3, replace=False)
-    return np.ascontiguousarray(small_jets.constituents[np.concatenate([top, qcd])])
+    model.stop()
 
 
 def reference(model: TopTagger, images: np.ndarray) -> np.ndarray:
@@ -270,3 +262,82 @@ def test_predict_refuses_what_the_contract_refuses(tagger: TopTagger) -> None:
         asyncio.run(tagger.predict(json_request(wrong, "bad-1")))
     with pytest.raises(InvalidInput, match="v2"):
         asyncio.run(tagger.predict({"instances": [[0.0]]}))  # type: ignore[arg-type]
+
+
+# --- lifecycle: threads ------------------------------------------------------------------------
+
+
+def new_threads(before: set[threading.Thread]) -> list[str]:
+    return sorted(t.name for t in set(threading.enumerate()) - before)
+
+
+def test_one_device_thread_per_object_and_none_left_after_stop(
+    model_dir: Path, one_torch_thread: None, jets: np.ndarray
+) -> None:
+    before = set(threading.enumerate())
+    model = TopTagger(str(model_dir), backend="torch", batching=BATCHING)
+    assert model.load(), model.not_ready_reason
+    [device] = new_threads(before)
+    assert device.startswith("device")
+    backend, device_thread = model.backend, model.device_thread
+    assert model.load()  # loaded already: the same backend on the same thread, nothing new
+    assert model.backend is backend and model.device_thread is device_thread
+    assert_probabilities(asyncio.run(model.classify("constituents", jets)), len(jets))
+    assert new_threads(before) == [device]  # the batchers run on the device thread, no thread of their own
+    model.stop()
+    assert new_threads(before) == []
+    assert not model.ready and model.not_ready_reason is not None and "stopped" in model.not_ready_reason
+    model.stop()  # a second stop does nothing
+
+
+def test_failed_loads_are_retried_on_the_one_device_thread(tmp_path: Path) -> None:
+    """KServe's data plane calls load() again on every request to a model that is not ready."""
+    before = set(threading.enumerate())
+    model = TopTagger(str(tmp_path / "not-yet"), backend="torch")
+    for _ in range(3):
+        assert model.load() is False
+    [device] = new_threads(before)
+    assert device.startswith("device")
+    model.stop()
+    assert new_threads(before) == []
+
+
+def test_a_stopped_predictor_refuses_inference_and_loading_with_the_reason(
+    model_dir: Path, one_torch_thread: None, jets: np.ndarray
+) -> None:
+    model = TopTagger(str(model_dir), backend="torch", batching=BATCHING)
+    with pytest.raises(ModelNotReady, match="not loaded yet"):
+        asyncio.run(model.classify("constituents", jets))
+    assert model.load(), model.not_ready_reason
+    images = rendered(model, jets)
+    model.stop()
+
+    async def refused() -> None:
+        with pytest.raises(ModelNotReady, match="stopped"):
+            await model.classify("constituents", jets)
+        with pytest.raises(ModelNotReady, match="stopped"):
+            await model.predict(json_request(images, "after-stop"))
+
+    asyncio.run(asyncio.wait_for(refused(), timeout=30))  # an answer, not a hang
+    assert model.load() is False and not model.ready  # one life: KServe makes a new object to load again
+    assert model.device_thread is not None and model.batchers  # what it had, closed
+
+
+def test_requests_waiting_when_the_model_stops_get_an_error_not_a_hang(
+    model_dir: Path, one_torch_thread: None, jets: np.ndarray
+) -> None:
+    model = TopTagger(str(model_dir), backend="torch", batching=BATCHING)
+    assert model.load(), model.not_ready_reason
+    before_stop = 0
+
+    async def stop_while_waiting() -> list[BaseException | np.ndarray]:
+        nonlocal before_stop
+        waiting = [asyncio.ensure_future(model.classify("constituents", jets[i : i + 1])) for i in range(4)]
+        await asyncio.sleep(0)  # queued, none answered yet
+        before_stop = sum(b.queue_depth for b in model.batchers.values())
+        model.stop()  # on the event loop's thread, as KServe's signal handler runs it
+        return await asyncio.gather(*waiting, return_exceptions=True)
+
+    answers = asyncio.run(asyncio.wait_for(stop_while_waiting(), timeout=60))
+    assert before_stop >= 1
+    assert all(isinstance(a, ModelNotReady) and "stopped" in str(a) for a in answers), answers

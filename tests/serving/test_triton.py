@@ -38,8 +38,7 @@ def loaded(model: TopTagger) -> Iterator[TopTagger]:
     try:
         yield model
     finally:
-        assert model.device_thread is not None
-        model.device_thread.shutdown(wait=True)
+        model.stop()
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +55,8 @@ def fresh_tagger(model_dir: Path) -> Iterator[TopTagger]:
 
 
 @pytest.fixture(scope="module")
-def jets(small_jets: JetBatch) -> np.ndarray:
-    """Eight jets picked with a seeded generator: float32 [8, 200, 4]."""
+def eight_jets(small_jets: JetBatch) -> np.ndarray:
+    """Eight jets of either label, picked with a seeded generator: float32 [8, 200, 4] (the shared ``jets`` has 6)."""
     rows = np.random.default_rng(11).choice(len(small_jets.labels), 8, replace=False)
     return np.ascontiguousarray(small_jets.constituents[rows])
 
@@ -110,18 +109,20 @@ def test_statistics_before_load_are_empty(model_dir: Path) -> None:
     assert len(entry.batch_stats) == 0
 
 
-def test_statistics_count_rows_batches_requests_and_batch_sizes(fresh_tagger: TopTagger, jets: np.ndarray) -> None:
+def test_statistics_count_rows_batches_requests_and_batch_sizes(
+    fresh_tagger: TopTagger, eight_jets: np.ndarray
+) -> None:
     model = fresh_tagger
     assert model.backend is not None and model.device_thread is not None
-    images = model.device_thread.submit(model.backend.render, jets).result()
-    bad = jets[:1].copy()
+    images = model.device_thread.submit(model.backend.render, eight_jets).result()
+    bad = eight_jets[:1].copy()
     bad[0, 0, 0] = np.nan  # classify() trusts its caller; the renderer refuses this in the batch
 
     async def traffic() -> None:
         # One at a time, each request is a batch of its own ...
         await model.classify("images", images[:3])
         await model.classify("images", images[3:6])
-        await model.classify("constituents", jets[:2])
+        await model.classify("constituents", eight_jets[:2])
         # ... and requests queued together (nothing awaits between them) are one batch of 1+2+1.
         await asyncio.gather(
             model.classify("images", images[:1]),
@@ -148,9 +149,9 @@ def test_statistics_count_rows_batches_requests_and_batch_sizes(fresh_tagger: To
     assert entry.last_inference > 0  # milliseconds since the epoch of the last batch
 
 
-def test_statistics_add_up_both_input_queues(fresh_tagger: TopTagger, jets: np.ndarray) -> None:
+def test_statistics_add_up_both_input_queues(fresh_tagger: TopTagger, eight_jets: np.ndarray) -> None:
     model = fresh_tagger
-    asyncio.run(model.classify("constituents", jets[:5]))
+    asyncio.run(model.classify("constituents", eight_jets[:5]))
     entry = model_statistics(model)
     assert (entry.inference_count, entry.execution_count) == (5, 1)
     assert model.batchers["images"].stats.execution_count == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from tests.tolerances import gamma, image_sum_error, render_error
+from toptagger.constants import IMAGE_SIZE
 from toptagger.errors import ConfigError, DataError
-from toptagger.images import MAX_MOMENTUM_GEV, ImageConfig, jet_images, three_channels
+from toptagger.images import MAX_MOMENTUM_GEV, PAPER_IMAGE_SIZE, ImageConfig, jet_images, three_channels
 from toptagger.jets.dataset import JetBatch
 from toptagger.jets.kinematics import eta as eta_of
 from toptagger.jets.kinematics import jet_four_momentum
@@ -131,10 +133,23 @@ def test_empty_padding_and_out_of_window_jets_give_zeros_not_nan() -> None:
     assert jet_images(np.zeros((0, 200, 4), np.float32), image_size=8).shape == (0, 1, 8, 8)
 
 
-def test_defaults_reproduce_the_cmssw_producer(small_jets: JetBatch) -> None:
+def test_every_image_size_default_is_the_one_constant() -> None:
+    from pipelines.top_tagging import top_tagging
+    from toptagger.model import TaggerConfig
+    from toptagger.training.config import TrainConfig
+
+    assert ImageConfig().image_size == IMAGE_SIZE
+    assert inspect.signature(jet_images).parameters["image_size"].default == IMAGE_SIZE
+    assert TaggerConfig().image.image_size == IMAGE_SIZE
+    assert TrainConfig().image.image_size == IMAGE_SIZE
+    assert top_tagging.component_spec.inputs["image_size"].default == IMAGE_SIZE
+    assert jet_images(np.zeros((1, 200, 4), np.float32)).shape == (1, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_defaults_at_the_paper_size_reproduce_the_cmssw_producer(small_jets: JetBatch) -> None:
     """Against a literal per-constituent transcription of JetImageProducer.cc (float64)."""
     jets = small_jets.constituents[:60]
-    images = jet_images(jets)
+    images = jet_images(jets, image_size=PAPER_IMAGE_SIZE)
     assert images.shape == (60, 1, 224, 224)
     axis = jet_four_momentum(jets)
     width = 2.0 / 224

@@ -58,8 +58,8 @@ def pyfunc(registered: dict[str, Any]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def jets(small_jets: JetBatch) -> np.ndarray:
-    """Six top and six QCD jets, padded to the served 200 slots."""
+def served_jets(small_jets: JetBatch) -> np.ndarray:
+    """The first six top and six QCD jets, padded to the served 200 slots (the shared ``jets``: 6, seeded)."""
     rows = np.r_[np.flatnonzero(small_jets.labels == 1)[:6], np.flatnonzero(small_jets.labels == 0)[:6]]
     return mlflow_model.served_constituents(small_jets.constituents[rows])
 
@@ -83,33 +83,33 @@ def assert_within_rounding(tagger: JetTagger, constituents: np.ndarray, top: np.
 
 
 def test_the_champion_predicts_constituents_as_score_jets_does(
-    pyfunc: Any, tagger: JetTagger, jets: np.ndarray
+    pyfunc: Any, tagger: JetTagger, served_jets: np.ndarray
 ) -> None:
-    probabilities = pyfunc.predict({CONSTITUENTS: jets, IMAGES: no_rows(pyfunc, IMAGES)})
-    assert probabilities.dtype == np.float32 and probabilities.shape == (len(jets), 2)
+    probabilities = pyfunc.predict({CONSTITUENTS: served_jets, IMAGES: no_rows(pyfunc, IMAGES)})
+    assert probabilities.dtype == np.float32 and probabilities.shape == (len(served_jets), 2)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=0, atol=2 * np.finfo(np.float32).eps)
-    assert_within_rounding(tagger, jets, probabilities[:, 1], score_jets(tagger, jets))
+    assert_within_rounding(tagger, served_jets, probabilities[:, 1], score_jets(tagger, served_jets))
 
 
 def test_images_are_classified_as_their_jets_and_rows_come_images_first(
-    pyfunc: Any, tagger: JetTagger, jets: np.ndarray
+    pyfunc: Any, tagger: JetTagger, served_jets: np.ndarray
 ) -> None:
-    images = images_of(tagger, jets)
+    images = images_of(tagger, served_jets)
     alone = pyfunc.predict({IMAGES: images, CONSTITUENTS: no_rows(pyfunc, CONSTITUENTS)})
-    assert alone.shape == (len(jets), 2)
-    assert_within_rounding(tagger, jets, alone[:, 1], score_jets(tagger, jets))
-    both = pyfunc.predict({IMAGES: images[:4], CONSTITUENTS: jets[4:]})
-    assert both.shape == (len(jets), 2)
-    assert_within_rounding(tagger, jets, both[:, 1], score_jets(tagger, jets))
+    assert alone.shape == (len(served_jets), 2)
+    assert_within_rounding(tagger, served_jets, alone[:, 1], score_jets(tagger, served_jets))
+    both = pyfunc.predict({IMAGES: images[:4], CONSTITUENTS: served_jets[4:]})
+    assert both.shape == (len(served_jets), 2)
+    assert_within_rounding(tagger, served_jets, both[:, 1], score_jets(tagger, served_jets))
 
 
-def test_a_call_without_every_named_input_is_refused_by_mlflow(pyfunc: Any, jets: np.ndarray) -> None:
+def test_a_call_without_every_named_input_is_refused_by_mlflow(pyfunc: Any, served_jets: np.ndarray) -> None:
     from mlflow.exceptions import MlflowException
 
     with pytest.raises(MlflowException, match=r"Model is missing inputs \['images'\]"):
-        pyfunc.predict({CONSTITUENTS: jets})
+        pyfunc.predict({CONSTITUENTS: served_jets})
     with pytest.raises(MlflowException, match="does not match expected shape"):
-        pyfunc.predict({CONSTITUENTS: jets[:, :100], IMAGES: no_rows(pyfunc, IMAGES)})
+        pyfunc.predict({CONSTITUENTS: served_jets[:, :100], IMAGES: no_rows(pyfunc, IMAGES)})
 
 
 def test_the_signature_is_the_served_tensors_and_the_example_is_a_real_jet_both_ways(

@@ -26,7 +26,11 @@ def trim_padding(constituents: np.ndarray) -> np.ndarray:
 def save_jets(path: str | os.PathLike[str], jets: JetBatch) -> None:
     """Write jets as an uncompressed ``.npz`` (np.load needs no pickle), trailing padding trimmed."""
     with open(path, "wb") as fh:  # a file object keeps numpy from appending ".npz" to the name
-        np.savez(fh, constituents=trim_padding(jets.constituents), labels=jets.labels, truth=jets.truth, ttv=jets.ttv)
+        # C order throughout: training streams the constituents row by row (toptagger.training.shards).
+        arrays = {"labels": jets.labels, "truth": jets.truth, "ttv": jets.ttv}
+        np.savez(
+            fh, constituents=trim_padding(jets.constituents), **{k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        )
 
 
 def load_jets(path: str | os.PathLike[str]) -> JetBatch:

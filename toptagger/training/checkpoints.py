@@ -22,7 +22,7 @@ from types import TracebackType
 
 from toptagger import storage
 from toptagger.errors import ConfigError
-from toptagger.training.trainer import CHECKPOINT_FILE
+from toptagger.training.files import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
 

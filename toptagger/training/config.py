@@ -2,9 +2,9 @@
 
 - :class:`TrainConfig` holds every choice that shapes a run (stored in the checkpoint, so that
   ``--resume`` refuses other settings). Its fields and :class:`~toptagger.images.ImageConfig`'s
-  carry their help text; :func:`add_arguments` turns them into ``python -m components.train``'s
+  carry their help text; :func:`add_arguments` turns them into ``python -m toptagger.training``'s
   flags and :func:`from_arguments` back into a config; :func:`to_arguments` is the inverse (the
-  flags of a config, e.g. for a TrainJob's ``torchrun -m components.train`` command).
+  flags of a config, e.g. for a TrainJob's ``torchrun -m toptagger.training`` command).
 - :meth:`TrainConfig.from_pipeline` is the one mapping from the pipeline's training parameters
   (names a KFP user sees, e.g. ``learning_rate``) onto the config. Its keyword parameters are the
   list of those parameters (:data:`PIPELINE_PARAMETERS`): the train component and the pipeline
@@ -27,8 +27,8 @@ from toptagger.model import TaggerConfig
 
 # The images the project trains on unless told otherwise: the landscape paper's preprocessing
 # (centroid, rotation, flip, normalisation), which beats the paper's axis-centred images at these
-# training sizes (docs/images_training.md); 64 pixels keep CPU training affordable.
-DEFAULT_IMAGE = ImageConfig(image_size=64, center="centroid", rotate=True, flip=True, normalize=True)
+# training sizes (docs/images_training.md), at ImageConfig's default size (toptagger.constants.IMAGE_SIZE).
+DEFAULT_IMAGE = ImageConfig(center="centroid", rotate=True, flip=True, normalize=True)
 
 
 # Autocast choices; "bf16" also runs on CPU, so the half-precision path is tested without a GPU.
@@ -197,7 +197,7 @@ def _flags(spec: dataclasses.Field, value: Any) -> list[str]:
 
 
 def to_arguments(config: TrainConfig) -> list[str]:
-    """The ``python -m components.train`` flags that reproduce ``config`` (the inverse of :func:`from_arguments`).
+    """The ``python -m toptagger.training`` flags that reproduce ``config`` (the inverse of :func:`from_arguments`).
 
     Every setting is spelled out, so the command means the same if a default changes later;
     floats are written with ``repr``, which reads back exactly.

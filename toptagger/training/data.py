@@ -1,55 +1,80 @@
-"""What training reads: the jets file, the seeded train / validation / test split, and batches of images.
+"""What training reads: this rank's share of the jets, the seeded split, and batches of images.
 
 Images are never stored: 1.2M jets at 224x224 would be 240 GB, while their constituents are
-3.2 kB per jet (less after trimming trailing padding). :class:`JetImageLoader` renders each
-batch with :func:`toptagger.images.jet_images` on the training device, in a background thread
-that prepares the next batches while the model trains on this one (on CUDA, on a side stream),
-so training does not wait on reading or rendering.
+3.2 kB per jet (less after trimming trailing padding). :func:`rank_data` reads only this rank's
+training and validation jets (:mod:`toptagger.training.shards`, :mod:`toptagger.training.batches`).
+:class:`JetImageLoader` renders each batch with :func:`toptagger.images.jet_images` on the
+training device, in a background thread that prepares the next batches while the model trains on
+this one (on CUDA, on a side stream), so training does not wait on reading or rendering.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
 
-from toptagger import storage
 from toptagger.errors import DataError
 from toptagger.images import ImageConfig
-from toptagger.jets.compact import load_jets, trim_padding
-from toptagger.jets.dataset import JetBatch, read_jets
-from toptagger.training.config import check_fractions
+from toptagger.jets.compact import trim_padding
+from toptagger.jets.dataset import DEFAULT_CHUNK, JetBatch
+from toptagger.training.batches import BatchPlan
+from toptagger.training.config import TrainConfig, check_fractions
+from toptagger.training.distributed import World
+from toptagger.training.shards import JetSource, count_rows, read_shares
 
 T = TypeVar("T")
-# The first bytes of the two formats training reads: HDF5 (the reference layout, a pandas
-# HDFStore) and zip (numpy's .npz, the compact file of the preprocess step).
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-ZIP_SIGNATURE = b"PK\x03\x04"
 
 
-def load_training_jets(uri: str | os.PathLike[str]) -> JetBatch:
-    """Jets from ``uri`` (path or s3://) in the reference layout or the preprocess step's compact file."""
-    with storage.local_copy(uri) as path:
-        try:
-            with open(path, "rb") as fh:
-                head = fh.read(8)
-        except FileNotFoundError:
-            raise DataError(f"{uri}: no such file") from None
-        except OSError as exc:
-            raise DataError(f"{uri}: cannot read ({exc.strerror})") from None
-        if head.startswith(HDF5_SIGNATURE):
-            return read_jets(path)
-        if head.startswith(ZIP_SIGNATURE):
-            return load_jets(path)
-    raise DataError(
-        f"{uri}: neither the reference layout (an HDF5 file, read_jets) nor a compact .npz jet file "
-        f"(the preprocess step's, load_jets); it starts with {head!r}"
+def load_training_jets(source: JetSource) -> JetBatch:
+    """All jets of ``source`` (path or s3://, the reference layout or the compact file), trimmed."""
+    return read_shares(source, [np.arange(count_rows(source))])[0]
+
+
+@dataclass(frozen=True)
+class RankData:
+    """This rank's training and validation jets, and the sizes of the whole splits."""
+
+    plan: BatchPlan
+    train: JetBatch  # the jets of plan.held(), in that order
+    val: JetBatch  # this rank's stride of the validation split
+    n_val: int
+    n_test: int
+
+
+def rank_data(
+    config: TrainConfig, data: JetSource, world: World | None = None, chunk_size: int = DEFAULT_CHUNK
+) -> RankData:
+    """Read only this rank's jets of ``data`` (one pass over the file; ``config.val_data`` a second).
+
+    The split is :func:`split_indices` of the whole file (or all of it for training when
+    ``config.val_data`` names a separate validation file); the training share is what
+    :class:`BatchPlan` gives this rank, the validation share every ``world.size``-th jet.
+    """
+    world = world or World()
+    n = count_rows(data)
+    if config.val_data:
+        train_rows, val_rows, n_test = np.arange(n), None, 0
+    else:
+        train_rows, val_rows, n_test = split_indices(n, config.seed, config.val_fraction, config.test_fraction)
+        n_test = len(n_test)
+    plan = BatchPlan(
+        len(train_rows), config.batch_size, config.seed, world.rank, world.size, config.max_steps_per_epoch or None
     )
+    mine = train_rows[plan.held()]
+    if val_rows is None:
+        (train,) = read_shares(data, [mine], chunk_size)
+        n_val = count_rows(config.val_data)
+        (val,) = read_shares(config.val_data, [np.arange(world.rank, n_val, world.size)], chunk_size)
+    else:
+        train, val = read_shares(data, [mine, val_rows[world.rank :: world.size]], chunk_size)
+        n_val = len(val_rows)
+    return RankData(plan, train, val, n_val, n_test)
 
 
 def split_indices(
@@ -105,55 +130,38 @@ def prefetched(produce: Callable[[int], T], count: int, depth: int) -> Iterator[
 
 
 class JetImageLoader:
-    """Batches of (images, labels) rendered on ``device`` from compact constituents.
+    """Batches of (images, labels) rendered on ``device`` from this rank's jets, in ``plan``'s order.
 
-    Epoch ``e`` visits the jets in the order of ``default_rng([seed, e])``, so the order does not
-    depend on how many epochs ran in this process (needed for an exact ``--resume``). Under DDP
-    (``rank`` of ``world_size``) every rank takes the same global batches and yields its stride
-    of each: ``batch_size`` is the batch of one optimizer step summed over the ranks, and the
-    number of steps does not depend on the world size. ``prefetch`` batches are read and rendered
-    ahead, in a background thread (0: in the loop itself).
+    ``jets`` are the jets of ``plan.held()`` (:func:`rank_data`). Epoch ``e``'s batches depend on
+    ``e`` only, not on how many epochs ran in this process (needed for an exact ``--resume``), nor on
+    the world size. ``prefetch`` batches are read and rendered ahead, in a background thread (0:
+    in the loop itself).
     """
 
     def __init__(
-        self,
-        jets: JetBatch,
-        image: ImageConfig,
-        batch_size: int,
-        seed: int,
-        device: torch.device,
-        max_steps: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        prefetch: int = 2,
+        self, jets: JetBatch, plan: BatchPlan, image: ImageConfig, device: torch.device, prefetch: int = 2
     ) -> None:
-        self.constituents = trim_padding(jets.constituents)
+        if len(jets) != len(plan.held()):
+            raise DataError(f"the loader got {len(jets)} jets for a plan that holds {len(plan.held())}")
+        self.constituents = np.ascontiguousarray(jets.constituents)
         self.labels = jets.labels.astype(np.int64)
-        self.image, self.batch_size, self.seed, self.device = image, batch_size, seed, device
-        self.max_steps = max_steps
-        self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        self.plan, self.image, self.device, self.prefetch = plan, image, device, prefetch
         self.epoch = 0
-        self._order: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
-        if batch_size < world_size:
-            raise DataError(f"batch_size {batch_size} leaves some of the {world_size} ranks without jets")
+        self._order: tuple[int, np.ndarray] = (-1, np.empty((0, 0), np.int64))
 
     def __len__(self) -> int:
-        steps = -(-len(self.labels) // self.batch_size)
-        if 0 < len(self.labels) % self.batch_size < self.world_size:
-            steps -= 1  # the last batch is too small to give every rank a jet
-        return min(steps, self.max_steps) if self.max_steps else steps
+        return len(self.plan)
 
     def jets_in_step(self, step: int) -> int:
-        """Jets of global batch ``step`` over all ranks (the last batch of an epoch can be short)."""
-        return min(self.batch_size, len(self.labels) - step * self.batch_size)
+        """Jets of global batch ``step`` over all ranks."""
+        return self.plan.jets_in_step(step)
 
     def batch_indices(self, step: int, epoch: int | None = None) -> np.ndarray:
-        """This rank's jets in batch ``step`` of ``epoch`` (default: the current one), sorted."""
+        """This rank's jets in batch ``step`` of ``epoch`` (default: the current one), as indices into ``jets``."""
         epoch = self.epoch if epoch is None else epoch
         if self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.labels)))
-        batch = np.sort(self._order[1][step * self.batch_size : (step + 1) * self.batch_size])
-        return batch[self.rank :: self.world_size]
+            self._order = (epoch, self.plan.batches(epoch))
+        return self._order[1][step]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
@@ -162,7 +170,8 @@ class JetImageLoader:
 
         def produce(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
             batch = self.batch_indices(step, epoch)
-            constituents = torch.from_numpy(self.constituents[batch])
+            # Only the slots some jet of the batch uses: the rest is padding, and costs rendering time.
+            constituents = torch.from_numpy(trim_padding(self.constituents[batch]))
             labels = torch.from_numpy(self.labels[batch])
             if not cuda:
                 return self.image.render(constituents), labels, None

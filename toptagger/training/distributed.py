@@ -1,6 +1,6 @@
 """Ranks, devices and reductions for data-parallel training with torch.distributed (DDP).
 
-``python -m components.train`` started by ``torchrun`` finds ``RANK``, ``WORLD_SIZE``,
+``python -m toptagger.training`` started by ``torchrun`` finds ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` in its environment
 (torchrun sets them; Kubeflow Trainer's torch runtime hands torchrun its ``PET_*`` defaults,
 reference.md §10) and :func:`initialized` joins the process group: gloo on CPU, nccl on CUDA.
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from toptagger.errors import ConfigError
+from toptagger.resources import cpu_limit
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,14 @@ def resolve_device(name: str, world: World | None = None) -> torch.device:
 
 
 def threads_per_rank(world: World) -> int:
-    """The cores of this node divided among its ranks, at least one thread each.
+    """The cores this node's ranks may use divided among them, at least one thread each.
 
     Every rank would otherwise start one thread per core, and 2 ranks on 2 cores would fight over
-    them (each rank then runs 1 thread). The cores are this process's CPU affinity.
+    them (each rank then runs 1 thread). The cores are the pod's CPU limit, which its ranks share,
+    else the CPU affinity (:func:`toptagger.resources.cpu_limit`): a node's core count would put
+    more threads in a limited pod than its quota runs.
     """
-    return max(1, len(os.sched_getaffinity(0)) // world.local_size)
+    return max(1, cpu_limit() // world.local_size)
 
 
 @contextlib.contextmanager
@@ -173,13 +176,6 @@ def gather(values: np.ndarray, world: World, device: torch.device) -> np.ndarray
     parts = [torch.empty_like(padded) for _ in range(world.size)]
     dist.all_gather(parts, padded)
     return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).cpu().numpy()
-
-
-def broadcast_buffers(model: torch.nn.Module, world: World) -> None:
-    """Rank 0's buffers (batch-norm statistics) on every rank."""
-    if world.distributed:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
 
 
 def agree(flag: bool, world: World, device: torch.device) -> bool:

@@ -170,7 +170,7 @@ def test_interrupted_write_leaves_no_file(
     def explode(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pd.HDFStore, "put", explode)
+    monkeypatch.setattr(pd.HDFStore, "append", explode)
     with pytest.raises(KeyboardInterrupt):
         write_jets(target, small_jets)
     assert list(tmp_path.iterdir()) == []

@@ -2,7 +2,7 @@
 
 ``TrainConfig`` declares every setting; ``TrainConfig.from_pipeline`` lists the pipeline's training
 parameters. The train component, the pipeline, ``python -m pipelines.run`` and
-``python -m components.train`` must all follow them: each test here fails when one drifts.
+``python -m toptagger.training`` must all follow them: each test here fails when one drifts.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import typing
 import pytest
 
 from components import train as train_component
-from components.train import build_parser
 from pipelines import run as local_runner
 from pipelines.top_tagging import top_tagging
 from toptagger.errors import ConfigError
 from toptagger.images import ImageConfig
+from toptagger.training.__main__ import build_parser
 from toptagger.training.config import PIPELINE_PARAMETERS, TrainConfig, add_arguments, from_arguments, to_arguments
 
 PIPELINE = {

@@ -12,23 +12,20 @@ from torch import nn
 
 from tests.tolerances import image_sum_error
 from toptagger.errors import ConfigError, DataError
-from toptagger.images import ImageConfig
 from toptagger.jets.compact import trim_padding
 from toptagger.jets.dataset import JetBatch
 from toptagger.model import TaggerConfig, build_model, load_model
 from toptagger.training import trainer as train_module
+from toptagger.training.batches import BatchPlan
 from toptagger.training.config import TrainConfig
 from toptagger.training.data import JetImageLoader, split_indices
-from toptagger.training.trainer import CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR, train
+from toptagger.training.files import CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR
+from toptagger.training.trainer import train
 
-TINY = TrainConfig(
-    image=ImageConfig(image_size=32, center="centroid", rotate=True, flip=True, normalize=True),
-    epochs=2,
-    batch_size=16,
-    max_steps_per_epoch=3,
-    patience=5,
-    seed=7,
-)
+
+@pytest.fixture
+def tiny(train_config: TrainConfig) -> TrainConfig:
+    return replace(train_config, epochs=2)
 
 
 def test_split_is_seeded_and_a_partition() -> None:
@@ -42,14 +39,14 @@ def test_split_is_seeded_and_a_partition() -> None:
         split_indices(100, seed=0, val_fraction=0.6, test_fraction=0.5)
 
 
-def test_loader_renders_compact_constituents(small_jets: JetBatch) -> None:
+def test_loader_renders_compact_constituents(tiny: TrainConfig, small_jets: JetBatch) -> None:
     compact = trim_padding(small_jets.constituents)
     assert compact.shape[1] < 200 and compact.flags.c_contiguous
-    loader = JetImageLoader(small_jets[:40], TINY.image, 16, seed=1, device=torch.device("cpu"))
+    loader = JetImageLoader(small_jets[:40], BatchPlan(40, 16, seed=1), tiny.image, torch.device("cpu"))
     batches = list(loader)
-    assert len(loader) == len(batches) == 3
+    assert len(loader) == len(batches) == 2  # whole batches only: 40 = 2 * 16 + 8
     images, labels = batches[0]
-    assert images.shape == (16, 1, 32, 32) and images.dtype == torch.float32
+    assert images.shape == (16, 1, 16, 16) and images.dtype == torch.float32
     assert labels.dtype == torch.int64
     # normalised images: the pixel sum (in float64) is 1 up to the rounding of the largest jet's render
     most = int((small_jets.constituents[:40, :, 0] != 0).sum(axis=1).max())
@@ -62,14 +59,14 @@ def test_loader_renders_compact_constituents(small_jets: JetBatch) -> None:
     assert all(torch.equal(a, b) for a, b in zip(first, [lab for _, lab in loader], strict=True))
 
 
-def test_a_few_steps_reduce_the_loss(small_jets: JetBatch) -> None:
+def test_a_few_steps_reduce_the_loss(tiny: TrainConfig, small_jets: JetBatch) -> None:
     torch.manual_seed(0)
-    model = build_model(TaggerConfig(image=TINY.image)).train()
+    model = build_model(TaggerConfig(image=tiny.image)).train()
     jets = small_jets[:64]
-    loader = JetImageLoader(jets, TINY.image, 32, seed=0, device=torch.device("cpu"))
+    loader = JetImageLoader(jets, BatchPlan(len(jets), 32, seed=0), tiny.image, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
-    images = TINY.image.render(torch.from_numpy(jets.constituents))
+    images = tiny.image.render(torch.from_numpy(jets.constituents))
     labels = torch.from_numpy(jets.labels)
     with torch.no_grad():
         before = float(loss_fn(model(images), labels))
@@ -86,9 +83,9 @@ def test_a_few_steps_reduce_the_loss(small_jets: JetBatch) -> None:
 
 @pytest.mark.slow
 def test_checkpoint_and_resume_continue_training_exactly(
-    small_jets: JetBatch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny: TrainConfig, small_jets: JetBatch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    straight = train(TINY, small_jets, tmp_path / "straight", device="cpu", progress=False)
+    straight = train(tiny, small_jets, tmp_path / "straight", device="cpu", progress=False)
     assert [h["epoch"] for h in straight["history"]] == [0, 1]
     assert all(np.isfinite(h["train_loss"]) and 0 <= h["val_auc"] <= 1 for h in straight["history"])
     for name in (CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR):
@@ -106,13 +103,13 @@ def test_checkpoint_and_resume_continue_training_exactly(
 
     monkeypatch.setattr(train_module, "validation_auc", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        train(TINY, small_jets, tmp_path / "resumed", device="cpu", progress=False)
+        train(tiny, small_jets, tmp_path / "resumed", device="cpu", progress=False)
     monkeypatch.setattr(train_module, "validation_auc", real_auc)
     state = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)
     assert state["epoch"] == 0
     assert not list((tmp_path / "resumed").glob("*.part"))
 
-    resumed = train(TINY, small_jets, tmp_path / "resumed", resume=True, device="cpu", progress=False)
+    resumed = train(tiny, small_jets, tmp_path / "resumed", resume=True, device="cpu", progress=False)
 
     def physics(history: list[dict]) -> list[dict]:
         return [{k: v for k, v in h.items() if k != "jets_per_second"} for h in history]
@@ -124,29 +121,29 @@ def test_checkpoint_and_resume_continue_training_exactly(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     with pytest.raises(ConfigError, match=r"different settings.*epochs"):
-        train(replace(TINY, epochs=3), small_jets, tmp_path / "resumed", resume=True, device="cpu", progress=False)
+        train(replace(tiny, epochs=3), small_jets, tmp_path / "resumed", resume=True, device="cpu", progress=False)
 
 
-def test_resume_without_checkpoint_and_bad_settings(small_jets: JetBatch, tmp_path: Path) -> None:
+def test_resume_without_checkpoint_and_bad_settings(tiny: TrainConfig, small_jets: JetBatch, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no checkpoint"):
-        train(TINY, small_jets, tmp_path, resume=True, device="cpu", progress=False)
+        train(tiny, small_jets, tmp_path, resume=True, device="cpu", progress=False)
     with pytest.raises(ConfigError, match="batch_size"):
-        replace(TINY, batch_size=0)
+        replace(tiny, batch_size=0)
     with pytest.raises(ConfigError, match="lr"):
-        replace(TINY, lr=-1.0)
+        replace(tiny, lr=-1.0)
     one_class = small_jets[small_jets.labels == 1]
     with pytest.raises(DataError, match="both top and QCD"):
-        train(TINY, one_class, tmp_path / "one", device="cpu", progress=False)
+        train(tiny, one_class, tmp_path / "one", device="cpu", progress=False)
 
 
 def test_separate_validation_file_trains_on_all_of_data_and_guards_resume(
-    small_jets: JetBatch, jets_file: Path, tmp_path: Path
+    tiny: TrainConfig, small_jets: JetBatch, jets_file: Path, tmp_path: Path
 ) -> None:
     from toptagger.jets.dataset import write_jets
 
     val_path = tmp_path / "val.h5"
     write_jets(val_path, small_jets[::4])
-    config = replace(TINY, epochs=1, val_data=str(val_path))
+    config = replace(tiny, epochs=1, val_data=str(val_path))
     summary = train(config, small_jets, tmp_path / "run", device="cpu", progress=False)
     assert (summary["n_train"], summary["n_val"], summary["n_test"]) == (len(small_jets), len(small_jets[::4]), 0)
     assert summary["config"]["val_data"] == str(val_path)
@@ -154,11 +151,11 @@ def test_separate_validation_file_trains_on_all_of_data_and_guards_resume(
     with pytest.raises(ConfigError, match="val_data"):
         train(replace(config, val_data=str(jets_file)), small_jets, tmp_path / "run", resume=True, progress=False)
     with pytest.raises(DataError, match=r"missing-val\.h5"):
-        train(replace(TINY, val_data=str(tmp_path / "missing-val.h5")), small_jets, tmp_path / "x", progress=False)
+        train(replace(tiny, val_data=str(tmp_path / "missing-val.h5")), small_jets, tmp_path / "x", progress=False)
 
 
 def test_bf16_autocast_and_channels_last_on_cpu(
-    small_jets: JetBatch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny: TrainConfig, small_jets: JetBatch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The half-precision path of a GPU run (--amp bf16, channels-last), exercised on CPU so it cannot rot."""
     seen: dict[str, object] = {}
@@ -177,7 +174,11 @@ def test_bf16_autocast_and_channels_last_on_cpu(
 
     monkeypatch.setattr(train_module, "build_model", build_and_watch)
     records: list[dict] = []
-    config = replace(TINY, epochs=1, max_steps_per_epoch=2, amp="bf16")
+    # 32 pixels and three channels, the settings this test always ran with: at 16 pixels and one
+    # channel, bf16 from scratch ended in NaN scores once in a full-suite run (never alone; cause not
+    # found). The test is about the bf16 path, not about training that small a network stably.
+    image = replace(tiny.image, image_size=32)
+    config = replace(tiny, image=image, in_channels=3, seed=7, epochs=1, max_steps_per_epoch=2, amp="bf16")
     summary = train(
         config,
         small_jets,

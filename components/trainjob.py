@@ -1,18 +1,19 @@
 """The train step as a Kubeflow Trainer TrainJob: a launcher that creates the job, follows it, takes its model.
 
-``train_job`` is the Kubeflow component that ``python -m pipelines.compile --trainjob`` puts in
-place of ``train``; :func:`train_job_step` is the plain function it runs. It takes the same
+``trainjob`` is the Kubeflow component that ``python -m pipelines.compile --trainjob`` puts in
+place of ``train``; :func:`trainjob_step` is the plain function it runs. It takes the same
 training parameters (those of ``TrainConfig.from_pipeline``) and gives the evaluate step the same
 ``Output[Model]`` folder, metadata and metrics as the single-pod train step:
 
 1. the preprocess step's fit jets are staged on S3 under the checkpoint root (unless already
    there), where every node of the job reads them;
-2. the TrainJob of :func:`pipelines.trainjob.render` is created (or found again on a retry) and
-   followed until it ends (:func:`toptagger.deploy.trainjob.run_trainjob`: its conditions, pods
-   and log lines go to this task's log in the KFP UI; a failure ends the task with the TrainJob's
-   own reason); it is then deleted or kept as compiled (``keep``);
+2. the TrainJob of :func:`toptagger.deploy.trainjob.render.render` (the trainer's command:
+   ``torchrun -m toptagger.training``) is created, or found again on a retry, and followed until
+   it ends (:func:`toptagger.deploy.trainjob.run.run_trainjob`: its conditions, pods and log lines
+   go to this task's log in the KFP UI; a failure ends the task with the TrainJob's own reason);
+   it is then deleted or kept as compiled (``keep``);
 3. rank 0's export (``--export-to``: model/, state_dict.pt, training.json, and summary.json) is
-   downloaded into the model folder, and ``components.train.record_outputs`` fills its metadata
+   downloaded into the model folder, and :func:`components.train.record_outputs` fills its metadata
    and metrics exactly as the train step does.
 
 The node selector, toleration, GPU resource, size and namespace are fixed when compiling.
@@ -25,7 +26,7 @@ from typing import Any
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 
-def train_job(
+def trainjob(
     fit_jets: Input[Dataset],
     image_size: int,
     epochs: int,
@@ -63,18 +64,18 @@ def train_job(
     signal.signal(signal.SIGTERM, stop)
 
     with step("train"):
-        from components.train_job import train_job_step
-        from pipelines.gpu_pool import GpuPool
-        from pipelines.trainjob import TrainJobShape
+        from components.trainjob import trainjob_step
+        from toptagger.deploy.gpu_pool import GpuPool
+        from toptagger.deploy.trainjob.render import TrainJobShape
         from toptagger.training.config import PIPELINE_PARAMETERS, TrainConfig
 
         config = TrainConfig.from_pipeline(**{name: parameters[name] for name in PIPELINE_PARAMETERS})
         pool = GpuPool.parse(gpu_resource, None, gpu_node_selector, gpu_toleration)
         shape = TrainJobShape(nodes, gpus_per_node, pool, namespace, keep)
-        train_job_step(fit_jets, model, metrics, config, checkpoint_root, run_key or pipeline_run_id, shape, image)
+        trainjob_step(fit_jets, model, metrics, config, checkpoint_root, run_key or pipeline_run_id, shape, image)
 
 
-def train_job_step(
+def trainjob_step(
     fit_jets: Any,
     model: Any,
     metrics: Any,
@@ -94,12 +95,13 @@ def train_job_step(
     import shutil
 
     from components.step import log
-    from components.train import SUMMARY_FILE, record_outputs
-    from pipelines.trainjob import render, staging
+    from components.train import record_outputs
     from toptagger import storage
-    from toptagger.deploy.trainjob import api_client, run_trainjob
+    from toptagger.deploy.trainjob.render import render, staging
+    from toptagger.deploy.trainjob.run import api_client, run_trainjob
     from toptagger.errors import DataError
     from toptagger.training.config import to_arguments
+    from toptagger.training.files import SUMMARY_FILE
 
     root = checkpoint_root
     where = staging(root, run_key)  # refuses a root that is not s3://

@@ -1,42 +1,38 @@
 """The train step as a Kubeflow Trainer v2.3.0 ``TrainJob``: what it is, rendered once for all callers.
 
-    python -m pipelines.trainjob render --nodes 2 --gpus-per-node 4 --image REGISTRY/components:TAG \\
-        [--namespace NS] [--checkpoint-root s3://bucket/checkpoints] [--run-key KEY] [training flags]
-
-prints the TrainJob (``trainer.kubeflow.org/v1alpha1``) that the pipeline's TrainJob launcher
-(:mod:`components.train_job`, chosen with ``python -m pipelines.compile --trainjob``) creates,
-as YAML for an operator to read or ``kubectl apply -f -``. Both call :func:`render`.
+:func:`render` gives the TrainJob (``trainer.kubeflow.org/v1alpha1``) that the pipeline's TrainJob
+launcher (:mod:`components.trainjob`, compiled with ``python -m pipelines.compile --trainjob``)
+creates, and that ``python -m toptagger.deploy.trainjob render`` prints for an operator to read
+or ``kubectl apply -f -``.
 
 The job runs on the ``torch-distributed`` ClusterTrainingRuntime: ``numNodes`` nodes of
 ``numProcPerNode`` processes (one per GPU). Its trainer runs
-``torchrun -m components.train --data ... --checkpoint-root ... --run-key ... --export-to ... <flags>``
+``torchrun -m toptagger.training --data ... --checkpoint-root ... --run-key ... --export-to ... <flags>``
 on the components image; torchrun reads nodes, processes, rank and master from the ``PET_*``
 variables that the Trainer's torch plugin injects (they are never set here: its webhook rejects
 user-set ones). The GPU pool's node selector and toleration go in as a runtime patch of the
 runtime's ``node`` job, the S3 and MLflow credentials as env from the same Secrets as the other
-steps (``secretKeyRef``, never a value). The jets, the checkpoints and the export live under the
-``s3://`` checkpoint root, where every node can read them (:func:`staging`).
+steps (``secretKeyRef``, never a value; :mod:`toptagger.deploy.cluster`). The jets, the
+checkpoints and the export live under the ``s3://`` checkpoint root, where every node can read
+them (:func:`staging`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines import cluster
-from pipelines.gpu_pool import GpuPool
-from toptagger.cli import positive_int, run_cli
+from toptagger.deploy import cluster
+from toptagger.deploy.gpu_pool import GpuPool
 from toptagger.errors import ConfigError
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME = "torch-distributed"
 NODE = "node"  # the runtime's replicated job, and its container (trainer-v2.3.0-runtime-torch-distributed.yaml)
-PATCH_MANAGER = "top-tagger.pipelines/train-job"  # owns our runtime patch (patches are keyed by manager)
+PATCH_MANAGER = "top-tagger/trainjob-launcher"  # owns our runtime patch (patches are keyed by manager)
 KEEP = ("never", "on-failure", "always")
 RUN_KEY_ANNOTATION = "top-tagger/run-key"
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
@@ -153,7 +149,7 @@ def render(
         "runtimeRef": {"name": RUNTIME, "apiGroup": GROUP, "kind": "ClusterTrainingRuntime"},
         "trainer": {
             "image": image,
-            "command": ["torchrun", "-m", "components.train"],
+            "command": ["torchrun", "-m", "toptagger.training"],
             "args": args,
             "env": trainer_env(),
             "numNodes": shape.nodes,
@@ -178,60 +174,3 @@ def pool_flags(pool: GpuPool) -> dict[str, str]:
         toleration = f"{pool.toleration.key}{value}:{pool.toleration.effect}"
     selector = "=".join(pool.node_selector) if pool.node_selector else "none"
     return {"gpu_resource": pool.resource, "gpu_node_selector": selector, "gpu_toleration": toleration}
-
-
-# --------------------------------------------------------------------------------------------
-# python -m pipelines.trainjob
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from pipelines.compile import add_gpu_pool_arguments
-    from toptagger.training import config
-
-    parser = argparse.ArgumentParser(prog="python -m pipelines.trainjob", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="mode", required=True)
-    render_parser = sub.add_parser(
-        "render",
-        help="print the TrainJob as YAML (kubectl apply -f - creates it)",
-        description="Print the TrainJob that the pipeline's launcher creates, as YAML.",
-    )
-    job = render_parser.add_argument_group("the job")
-    job.add_argument("--nodes", type=positive_int, required=True, help="nodes (numNodes)")
-    job.add_argument("--gpus-per-node", type=positive_int, required=True, help="GPUs and processes per node")
-    job.add_argument("--image", required=True, help="the components image (REGISTRY/components:TAG)")
-    job.add_argument("--namespace", help="namespace of the TrainJob (default: none in the manifest)")
-    job.add_argument(
-        "--checkpoint-root",
-        default="s3://top-tagger/checkpoints",
-        help="s3:// prefix of checkpoints, staged jets and export (default s3://top-tagger/checkpoints)",
-    )
-    job.add_argument("--run-key", default="manual", help="names the checkpoint and the job (default manual)")
-    job.add_argument("--data", help="the preprocess step's fit jets on s3:// (default: <root>/<run key>.trainjob/)")
-    add_gpu_pool_arguments(render_parser, count=False)
-    config.add_arguments(render_parser.add_argument_group("training settings (python -m components.train's)"))
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import yaml
-
-    from pipelines.compile import gpu_pool_from
-    from toptagger.training.config import from_arguments, to_arguments
-
-    args = build_parser().parse_args(argv)
-    shape = TrainJobShape(args.nodes, args.gpus_per_node, gpu_pool_from(args))
-    manifest = render(
-        shape,
-        args.image,
-        run_key=args.run_key,
-        checkpoint_root=args.checkpoint_root,
-        config_args=to_arguments(from_arguments(args)),
-        data_uri=args.data,
-        namespace=args.namespace,
-    )
-    sys.stdout.write(yaml.safe_dump(manifest, sort_keys=False))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))

@@ -6,7 +6,8 @@ jobs' counts and its pods' phases becomes a log line, and so does every new line
 logs (container ``node``, prefixed with the pod's name), so that the launcher's task log in the
 KFP UI shows the training as it runs. It returns when the ``Complete`` condition is true, and
 raises :class:`TrainJobFailed` with the job's own reason and message when ``Failed`` is. The
-finished job is deleted or kept as asked. The manifest comes from :func:`pipelines.trainjob.render`.
+finished job is deleted or kept as asked. The manifest comes from
+:func:`toptagger.deploy.trainjob.render.render`.
 
 The API calls are the ``kubernetes`` client's (``CustomObjectsApi`` for TrainJobs, ``CoreV1Api``
 for pods and logs); the tests run them against a fake API server on loopback.
@@ -21,14 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from toptagger.deploy.trainjob.render import GROUP, NODE, PLURAL, VERSION
 from toptagger.errors import ConfigError, TaggerError
 
-GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
-CONTAINER = "node"  # the torch-distributed runtime's trainer container
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"  # JobSet labels each pod with its TrainJob's name
 ROLE = "top-tagger-trainer"  # manifests/base/trainer-rbac.yaml
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-log = logging.getLogger("pipelines")
+log = logging.getLogger(__name__)
 
 
 class TrainJobFailed(TaggerError, RuntimeError):
@@ -169,7 +169,7 @@ class TrainJobWatch:
     def _print_log(self, pod: str) -> None:
         from kubernetes.client.rest import ApiException
 
-        options: dict[str, Any] = {"container": CONTAINER, "timestamps": True}
+        options: dict[str, Any] = {"container": NODE, "timestamps": True}
         if pod in self._fetched:  # only the recent part (with a margin; repeated lines are skipped below)
             options["since_seconds"] = int(time.monotonic() - self._fetched[pod]) + 30
         try:

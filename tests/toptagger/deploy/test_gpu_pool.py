@@ -1,14 +1,15 @@
-"""The train task's GPU pool: parsing the compile options, and what the compiled spec then asks for."""
+"""The GPU pool of the training pods: its defaults, parsing the ``--gpu-*`` options, and naming bad ones.
+
+What the compiled pipeline then asks for: ``tests/pipelines/test_compile.py``.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
 
 import pytest
-import yaml
 
-from pipelines import compile as compile_module
-from pipelines.gpu_pool import GpuPool, Toleration
+from toptagger.deploy.gpu_pool import GpuPool, Toleration, add_gpu_pool_arguments, gpu_pool_from
 from toptagger.errors import ConfigError
 
 
@@ -46,25 +47,13 @@ def test_bad_options_name_the_problem(option: str, text: str, message: str) -> N
         GpuPool.parse(count=0)
 
 
-def test_compiled_train_task_asks_for_the_given_pool() -> None:
-    pool = GpuPool.parse("amd.com/gpu", 2, "cloud.google.com/gke-nodepool=gpu-pool", "dedicated=gpu:NoSchedule")
-    spec, platform = yaml.safe_load_all(compile_module.compile_yaml(gpu_pool=pool))
-    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
-    assert resources["accelerator"]["resourceType"] == "amd.com/gpu"
-    assert resources["accelerator"]["resourceCount"] == "2"
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
-    assert k8s["nodeSelector"] == {"labels": {"cloud.google.com/gke-nodepool": "gpu-pool"}}
-    assert k8s["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]
-
-    bare = GpuPool.parse(node_selector="none", toleration="none")
-    spec, platform = yaml.safe_load_all(compile_module.compile_yaml(gpu_pool=bare))
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
-    assert "nodeSelector" not in k8s and "tolerations" not in k8s
-    assert spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
-
-
-def test_compile_cli_rejects_a_bad_pool_before_writing(tmp_path: Path) -> None:
-    out = tmp_path / "pipeline.yaml"
-    with pytest.raises(ConfigError, match="--gpu-node-selector"):
-        compile_module.main(["--out", str(out), "--gpu-node-selector", "no-equals-sign"])
-    assert not out.exists()
+def test_the_options_read_back_into_the_pool() -> None:
+    parser = argparse.ArgumentParser()
+    add_gpu_pool_arguments(parser)
+    args = parser.parse_args(["--gpu-resource", "amd.com/gpu", "--gpu-count", "2", "--gpu-toleration", "none"])
+    assert gpu_pool_from(args) == GpuPool.parse("amd.com/gpu", 2, None, "none")
+    assert gpu_pool_from(parser.parse_args([])) == GpuPool()
+    single = argparse.ArgumentParser()
+    add_gpu_pool_arguments(single, count=False)  # a TrainJob's nodes take --gpus-per-node instead
+    assert "--gpu-count" not in single.format_help()
+    assert gpu_pool_from(single.parse_args(["--gpu-node-selector", "pool=h100"])).node_selector == ("pool", "h100")

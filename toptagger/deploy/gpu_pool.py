@@ -1,4 +1,4 @@
-"""Where the train task runs on a cluster: the accelerator resource and the GPU node pool.
+"""Where training runs on a cluster: the accelerator resource and the GPU node pool.
 
 The defaults are NVIDIA's: the ``nvidia.com/gpu`` extended resource, the
 ``nvidia.com/gpu.present=true`` label of GPU feature discovery and the ``nvidia.com/gpu`` taint the
@@ -9,10 +9,13 @@ GPU operator's docs use. Other clusters give their own at compile time:
         --gpu-toleration dedicated=gpu:NoSchedule
 
 ``none`` drops the node selector or the toleration (GPU nodes without a label or taint of their own).
+The same ``--gpu-*`` options (:func:`add_gpu_pool_arguments`, read back by :func:`gpu_pool_from`)
+place the TrainJob's nodes (``python -m toptagger.deploy.trainjob render``).
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 
@@ -98,3 +101,24 @@ def _toleration(text: str) -> Toleration | None:
             f"and EFFECT one of {', '.join(EFFECTS)}"
         )
     return Toleration(key, effect, value if sep else None)
+
+
+def add_gpu_pool_arguments(parser: argparse.ArgumentParser, count: bool = True) -> None:
+    """The ``--gpu-*`` options (read back by :func:`gpu_pool_from`); ``count=False`` leaves out ``--gpu-count``."""
+    pool = parser.add_argument_group("GPU pool of the training pods (defaults: NVIDIA's)")
+    pool.add_argument("--gpu-resource", help="extended resource to request (default nvidia.com/gpu)")
+    if count:
+        pool.add_argument("--gpu-count", type=int, help="how many for the single train pod (default 1)")
+    pool.add_argument(
+        "--gpu-node-selector", help="KEY=VALUE node label of the pool, or none (default nvidia.com/gpu.present=true)"
+    )
+    pool.add_argument(
+        "--gpu-toleration",
+        help="KEY[=VALUE][:EFFECT] taint of the pool to tolerate, or none (default nvidia.com/gpu:NoSchedule)",
+    )
+
+
+def gpu_pool_from(args: argparse.Namespace) -> GpuPool:
+    """The pool of parsed :func:`add_gpu_pool_arguments` options (names a bad one)."""
+    count = getattr(args, "gpu_count", None)
+    return GpuPool.parse(args.gpu_resource, count, args.gpu_node_selector, args.gpu_toleration)

@@ -1,7 +1,8 @@
 """What the pipeline expects of a cluster: the Secrets (names and keys) and the training pods' size.
 
-The train task (one pod) and the TrainJob's nodes (:mod:`pipelines.trainjob`) take the same
-values from here; the Secrets are created once per namespace (docs/pipeline.md).
+The pipeline's train task (one pod, :mod:`pipelines.top_tagging`) and the TrainJob's nodes
+(:mod:`toptagger.deploy.trainjob.render`) take the same values from here; the Secrets are
+created once per namespace (docs/pipeline.md).
 """
 
 from __future__ import annotations
