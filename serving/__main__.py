@@ -1,10 +1,33 @@
 """Start the top-tagger predictor.
 
     python -m serving --model-uri URI [--backend torch|opencl] [--http-port 8080] [--grpc-port 8081]
-                      [--max-batch-size 16] [--max-latency-ms 5] [--max-queue 256]
+                      [--max-batch-size 16] [--max-latency-ms 5] [--max-queue 256] [--max-queue-ms 1000]
+                      [--max-request-mb 64] [--max-message-mb 64]
+                      [--model-control none|explicit] [--control-token-file PATH]
 
 Every option also reads an environment variable (upper case, e.g. ``MODEL_URI``, ``MAX_BATCH_SIZE``)
 so that a Kubernetes manifest can set it; a flag on the command line wins.
+
+Limits (serving.limits): ``--max-request-mb`` (64) caps an inference request on both protocols
+before it is read: a REST body over it is answered 413 from its ``Content-Length`` alone, a gRPC
+input whose shape declares more bytes RESOURCE_EXHAUSTED (``--max-body-mb`` / ``MAX_BODY_MB``, its
+old name, still work). ``--max-message-mb`` (64) is gRPC's send and receive message limit (a gRPC
+request is bounded by the smaller of the two; 64 MB holds a 16-image 224x224x3 FP32 batch, 9.6 MB,
+six times). ``--max-queue-ms`` (1000) is backpressure in time: a request is refused at once (503
+with ``Retry-After`` / RESOURCE_EXHAUSTED) when the rows in flight plus its own would take longer
+than that at the measured rows/s (seeded by a warm-up batch at load); ``--max-queue`` (256
+requests) stays as a cap on the batcher's queue. Both are checked on the declared shape, before
+the tensor is decoded.
+
+Model control (serving.control): ``--model-control none`` (the default) answers the repository
+extension's load/unload with 404 / UNIMPLEMENTED. ``--model-control explicit`` allows them to
+callers with a bearer token, read from ``--control-token-file`` (a mounted Secret) or from the
+environment variable ``CONTROL_TOKEN`` (a Secret's secretKeyRef); there is no flag for the token
+itself. Explicit without a token is refused at start-up. After an explicit unload the server
+reports not live until a load brings the model back.
+
+No message that reaches a client or the log carries a credential (serving.redact): URIs lose their
+userinfo and query, and credential-like environment values are masked.
 """
 
 from __future__ import annotations
@@ -16,9 +39,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from serving import redact
 from serving.backends import BACKENDS, TORCH_DTYPES
 from toptagger.cli import positive_int
 from toptagger.constants import CHAMPION_URI, GRPC_PORT, HTTP_PORT
+from toptagger.errors import ConfigError
 
 SERVING_LOGGERS = ("serving",)
 
@@ -62,8 +87,40 @@ def build_parser() -> argparse.ArgumentParser:
         "requests allowed to wait; beyond it answer 503 / RESOURCE_EXHAUSTED",
         type=positive_int,
     )
-    _from_env(parser, "--max-body-mb", 64, "largest REST body accepted", type=float)
+    _from_env(
+        parser,
+        "--max-queue-ms",
+        1000,
+        "refuse (503 + Retry-After / RESOURCE_EXHAUSTED) when the queued rows would take longer than this "
+        "at the measured rows/s",
+        type=float,
+    )
+    _from_env(
+        parser,
+        "--max-request-mb",
+        os.environ.get("MAX_BODY_MB") or 64,  # MAX_BODY_MB: its old name
+        "largest inference request (REST body: 413; gRPC input tensor: RESOURCE_EXHAUSTED), checked before it is read",
+        type=float,
+    )
+    parser.add_argument(
+        "--max-body-mb", dest="max_request_mb", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    _from_env(parser, "--max-message-mb", 64, "gRPC send and receive message limit", type=float)
     _from_env(parser, "--log-level", "INFO", "DEBUG logs every request")
+    _from_env(
+        parser,
+        "--model-control",
+        "none",
+        "model load/unload over REST and gRPC: none refuses them (404 / UNIMPLEMENTED); explicit allows them "
+        "with a bearer token (--control-token-file or env CONTROL_TOKEN)",
+        choices=["none", "explicit"],
+    )
+    _from_env(
+        parser,
+        "--control-token-file",
+        None,
+        "file holding the bearer token of --model-control explicit (a mounted Secret); else env CONTROL_TOKEN",
+    )
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
@@ -81,8 +138,8 @@ class JsonFormatter(logging.Formatter):
             entry.update(parsed if isinstance(parsed, dict) else {"message": message})
         except ValueError:
             entry["message"] = message
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:  # exc_text: already formatted and redacted (serving.redact)
+            entry["error"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
@@ -101,13 +158,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_latency_ms < 0:
         print("error: --max-latency-ms must be >= 0", file=sys.stderr)
         return 2
+    if min(args.max_queue_ms, args.max_request_mb, args.max_message_mb) <= 0:
+        print("error: --max-queue-ms, --max-request-mb and --max-message-mb must be > 0", file=sys.stderr)
+        return 2
     configure_logging(args.log_level)
+    # Before anything can log: no record, answer or traceback carries a credential (serving.redact).
+    redact.add_uri_secrets(args.model_uri)
+    redact.install_logging()
+    from serving.control import ModelControl  # imports fastapi and grpc: after --help
+
+    try:
+        control = ModelControl.from_options(args.model_control, args.control_token_file)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Imported late: KServe parses sys.argv at import time and we want --help to be instant.
     sys.argv = sys.argv[:1]
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    from serving.limits import Limits, return_big_buffers_to_the_system
+
+    return_big_buffers_to_the_system()  # memory stays flat under big (refused) requests
     from serving.predictor import BatchingOptions, TopTagger
     from serving.server import TaggerModelServer
 
@@ -116,12 +189,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend=args.backend,
         fallback=args.fallback,
         precision=args.precision,
-        batching=BatchingOptions(args.max_batch_size, args.max_latency_ms, args.max_queue),
+        batching=BatchingOptions(args.max_batch_size, args.max_latency_ms, args.max_queue, args.max_queue_ms),
     )
     model.load()
     server = TaggerModelServer(
-        model, max_body=int(args.max_body_mb * 1024 * 1024), http_port=args.http_port, grpc_port=args.grpc_port
+        model,
+        limits=Limits.from_mb(args.max_request_mb, args.max_message_mb),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        control=control,
     )
+    redact.attach_filters()  # on the handlers KServe's logging configuration just made
     server.start()
     return 0
 

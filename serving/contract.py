@@ -7,6 +7,9 @@ one channel is accepted too, since the network expands it itself; or ``constitue
 configuration as training (3.2 kB per jet instead of 602 kB for a 224x224x3 image).
 Output: ``probabilities``, FP32 ``[N, 2]``, columns (qcd, top).
 
+Constituents must also be physical (:func:`toptagger.jets.kinematics.first_unphysical`): no
+all-zero jet, no negative energy, no E < |p| beyond float32 rounding; zero rows are padding.
+
 Every violation raises :class:`kserve.errors.InvalidInput`, which KServe answers with HTTP 400 and
 gRPC INVALID_ARGUMENT, with a message that says what is wrong.
 """
@@ -25,6 +28,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.infer_type import InferRequest
 
 from toptagger.images import MAX_MOMENTUM_GEV
+from toptagger.jets.kinematics import first_unphysical
 from toptagger.signature import CONSTITUENTS, DATATYPE, IMAGES, Signature, TensorSpec
 
 T = TypeVar("T")
@@ -103,8 +107,10 @@ class Contract:
             expected[1] = 1  # a single channel is always fine
         if len(shape) != len(expected) or any(e != -1 and s != e for s, e in zip(shape, expected, strict=True)):
             raise InvalidInput(f"input '{name}' must have shape {expected} (-1 = batch), got {shape}")
-        if shape[0] < 1:
+        if shape[0] == 0:
             raise InvalidInput(f"input '{name}' has an empty batch")
+        if shape[0] < 0:  # -1 stands for "any batch" in metadata, never in a request
+            raise InvalidInput(f"input '{name}' has batch dimension {shape[0]} in shape {shape}: send the row count")
         if shape[0] > self.max_batch_size:
             raise InvalidInput(f"batch of {shape[0]} exceeds the maximum batch size {self.max_batch_size}")
         return shape
@@ -121,6 +127,10 @@ class Contract:
             raise InvalidInput(
                 f"input '{name}' holds momenta beyond {MAX_MOMENTUM_GEV:.0e} GeV, whose squares overflow float32"
             )
+        if name == CONSTITUENTS and (found := first_unphysical(array)) is not None:
+            jet, constituent, what = found  # a score for something that is not a jet would mislead
+            where = f"jet {jet}" if constituent < 0 else f"jet {jet}, constituent {constituent},"
+            raise InvalidInput(f"input '{name}': {where} {what}")
         return array
 
 

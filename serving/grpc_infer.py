@@ -26,13 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
-from kserve.errors import InvalidInput
+from grpc_interceptor.exceptions import GrpcException
+from kserve.errors import InvalidInput, ModelNotFound
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.servicer import InferenceServicer
 
 from serving import metrics
+from serving.client_errors import grpc_client_error, safe_decoding
+from serving.control import ModelController, grpc_call
 from serving.errors import ServerOverloaded
+from serving.limits import Limits, declared_size, off_loop
+from serving.redact import redact
 from toptagger.constants import MODEL_VERSION
 from toptagger.signature import DATATYPE, PROBABILITIES
 
@@ -56,9 +61,30 @@ class RequestRefused(Exception):
 class TaggerServicer(InferenceServicer):
     """KServe's v2 gRPC servicer with ``ModelInfer`` served by the tagger directly."""
 
-    def __init__(self, data_plane: Any, model_repository_extension: Any, model: TopTagger) -> None:
+    def __init__(
+        self,
+        data_plane: Any,
+        model_repository_extension: Any,
+        model: TopTagger,
+        max_request_bytes: int = Limits.max_request_bytes,
+    ) -> None:
         super().__init__(data_plane, model_repository_extension)
         self.model = model
+        self.max_request_bytes = max_request_bytes
+        # Load/unload (serving.control); TaggerGRPCServer sets the server's. Mode NONE until then.
+        self.control = ModelController(model)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        await grpc_call(self.control, "load", request.model_name, context)
+        return pb.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await grpc_call(self.control, "unload", request.model_name, context)
+        return pb.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
@@ -71,8 +97,16 @@ class TaggerServicer(InferenceServicer):
         response.versions.append(MODEL_VERSION)
         return response
 
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
+        """KServe's answer, with the version checked as ModelMetadata's (KServe ignores it)."""
+        if request.name == self.model.name and request.version not in ("", MODEL_VERSION):
+            message = f"unknown version '{request.version}' of '{self.model.name}'; serving '{MODEL_VERSION}'"
+            await context.abort(grpc.StatusCode.NOT_FOUND, message)
+        return await super().ModelReady(request, context)
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
         start = time.perf_counter()
+        refused = None
         try:
             response = await self._infer(request)
         except asyncio.CancelledError:  # the client went away or its deadline passed
@@ -83,7 +117,12 @@ class TaggerServicer(InferenceServicer):
             metrics.REQUESTS.labels("grpc", refused.code.name).inc()
             _LATENCY.observe(time.perf_counter() - start)
             _log_refusal(request, context, refused, exc)
-            await context.abort(refused.code, refused.message)
+        if refused is not None:
+            # Aborted outside the except block: the abort's exception would otherwise chain the
+            # refused one, whose traceback holds the request's frames (and its payload) in a
+            # cycle that only the cyclic collector frees.
+            del request
+            await context.abort(refused.code, redact(refused.message))
         _OK.inc()
         _LATENCY.observe(time.perf_counter() - start)
         return response
@@ -102,7 +141,17 @@ class TaggerServicer(InferenceServicer):
         for output in request.outputs:
             if output.name != PROBABILITIES:
                 raise InvalidInput(f"unknown output '{output.name}'; the model returns '{PROBABILITIES}'")
-        probabilities = await model.classify(*model.contract.parse_grpc(request))
+        contract = model.contract
+        rows, nbytes = declared_size([tensor.shape for tensor in request.inputs])
+        if nbytes > self.max_request_bytes:
+            message = f"the input's shape declares {nbytes} bytes, over the request cap of {self.max_request_bytes}"
+            raise RequestRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        if not 1 <= rows <= contract.max_batch_size:  # the contract says what is wrong
+            probabilities = await model.classify(*await off_loop(nbytes, contract.parse_grpc, request))
+        else:  # refused (or counted in) before its contents are converted
+            with model.admission.admit(rows):
+                parsed = await off_loop(nbytes, contract.parse_grpc, request)
+                probabilities = await model.classify(*parsed, admitted=True)
         response = pb.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
         response.outputs.add(name=PROBABILITIES, datatype=DATATYPE, shape=list(probabilities.shape))
         response.raw_output_contents.append(probabilities.tobytes())
@@ -111,7 +160,7 @@ class TaggerServicer(InferenceServicer):
 
 def _refusal(exc: Exception) -> RequestRefused:
     if isinstance(exc, RequestRefused):
-        return exc
+        return exc.with_traceback(None)  # its traceback would hold the request's frames (and payload)
     if isinstance(exc, InvalidInput):
         return RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc.reason))
     if isinstance(exc, ServerOverloaded):
@@ -124,12 +173,14 @@ def _log_refusal(
     request: pb.ModelInferRequest, context: aio.ServicerContext, refused: RequestRefused, exc: Exception
 ) -> None:
     request_id = request.id or dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    if refused.code != grpc.StatusCode.INTERNAL:  # not a fault: once per kind a minute, no traceback
+        grpc_client_error(MODEL_INFER, refused.code, refused.message, protocol="grpc", request_id=request_id)
+        return
     entry = {"protocol": "grpc", "status": refused.code.name, "error": refused.message, "request_id": request_id}
-    access.log(
-        logging.ERROR if refused.code == grpc.StatusCode.INTERNAL else logging.WARNING,
-        json.dumps(entry),
-        exc_info=exc if refused.code == grpc.StatusCode.INTERNAL else None,
-    )
+    access.log(logging.ERROR, json.dumps(entry), exc_info=exc)
+
+
+_SAFE_HANDLERS: dict[Any, Any] = {}  # a method's handler -> the same, refusing undecodable bytes
 
 
 class KServeErrorsInterceptor(ExceptionToStatusInterceptor):
@@ -143,6 +194,38 @@ class KServeErrorsInterceptor(ExceptionToStatusInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        # Request bytes that do not parse: INVALID_ARGUMENT, not grpc's UNKNOWN (serving.client_errors).
+        # Wrapped once per method's handler (the same object each call), not per call.
+        original = await continuation(details)
+        handler = _SAFE_HANDLERS.get(original)
+        if handler is None:
+            handler = safe_decoding(original, details.method, log_it=details.method == MODEL_INFER)
+            if len(_SAFE_HANDLERS) < 256:  # bounded, should a handler ever be a new object per call
+                _SAFE_HANDLERS[original] = handler
         if details.method == MODEL_INFER:
-            return await continuation(details)
-        return await super().intercept_service(continuation, details)
+            return handler
+
+        async def decoded(_: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return handler
+
+        return await super().intercept_service(decoded, details)
+
+    async def handle_exception(self, ex: Exception, request_or_iterator: Any, context: Any, method_name: str) -> None:
+        """KServe's mapping, with the message redacted (serving.redact) before it goes out."""
+        if isinstance(getattr(ex, "reason", None), str):
+            ex.reason = redact(ex.reason)
+        if isinstance(ex, GrpcException):
+            ex.details = redact(ex.details)
+        # Client errors (serving.client_errors): one INFO line per kind a minute, no traceback.
+        if isinstance(ex, aio.AbortError):  # the handler answered with its own status already
+            grpc_client_error(method_name, context.code(), str(context.details() or ""))
+            raise ex
+        for kind, code in (
+            (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+            (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+        ):
+            if isinstance(ex, kind):
+                message = redact(str(ex.reason))
+                grpc_client_error(method_name, code, message)
+                await context.abort(code, message)
+        await super().handle_exception(ex, request_or_iterator, context, method_name)

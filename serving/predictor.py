@@ -13,13 +13,15 @@ Lifecycle (KServe's hooks):
 - ``stop()`` (KServe's unload hook: ``ModelRepository.unload``, which the server's shutdown calls
   for every model) closes the batchers and ends the device thread, so no thread is left. Waiting
   and later requests get :class:`~kserve.errors.ModelNotReady` (HTTP 503) at once, and a stopped
-  model does not load again: KServe drops it from its repository, and a new load is a new object.
+  model does not load again, except through ``reopen()``: the explicit control plane's load after
+  an unload (:mod:`serving.control`), which builds a fresh backend, batchers and device thread.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ from serving.backends import Backend, load_backend
 from serving.batching import BatcherClosed, DynamicBatcher, QueueFull
 from serving.contract import Contract
 from serving.errors import ServerOverloaded
+from serving.limits import Admission
+from serving.redact import redact
 from toptagger.constants import MODEL_NAME
 from toptagger.errors import TaggerError
 from toptagger.signature import CONSTITUENTS, DATATYPE, IMAGES, PROBABILITIES
@@ -46,6 +50,9 @@ class BatchingOptions:
     max_batch_size: int = 16
     max_latency_ms: float = 5.0
     max_queue: int = 256
+    # Refuse when the admitted rows would take longer than this at the measured rate
+    # (serving.limits.Admission); None: only max_queue limits the queue.
+    max_queue_ms: float | None = None
 
 
 class TopTagger(Model):
@@ -66,6 +73,7 @@ class TopTagger(Model):
         self.fallback = fallback
         self.precision = precision
         self.batching = batching or BatchingOptions()
+        self.admission = Admission(self.batching.max_queue_ms)  # backpressure in seconds of work
         self.backend: Backend | None = None
         # One queue per input kind, both feeding the one device thread: constituents are rendered
         # per merged batch, on that thread, rather than once per request.
@@ -91,7 +99,7 @@ class TopTagger(Model):
         """
         with self._lifecycle:
             if self.stopped:
-                log.error("model %s: load() after stop() refused (%s)", self.model_uri, self.not_ready_reason)
+                log.error("model %s: load() after stop() refused (%s)", redact(self.model_uri), self.not_ready_reason)
                 return False
             if self.ready:
                 return True  # loaded already: the backend and its batchers stay as they are
@@ -103,7 +111,8 @@ class TopTagger(Model):
                 ).result()
             except TaggerError as exc:
                 if not self.stopped:  # else stop() ran in a signal handler meanwhile and said why
-                    self.not_ready_reason = (
+                    # Redacted: the reason goes to clients (readiness, index, errors) and the log.
+                    self.not_ready_reason = redact(
                         f"cannot load model {self.model_uri!r} with backend {self.backend_name}: {exc}"
                     )
                     log.error(self.not_ready_reason)
@@ -124,22 +133,43 @@ class TopTagger(Model):
                 max_batch_size=max_batch,
                 max_latency_ms=self.batching.max_latency_ms,
                 max_queue=self.batching.max_queue,
-                on_batch=metrics.observe_batch,
+                on_batch=self._on_batch,
                 executor=device_thread,
             )
             for kind, run in runners.items()
         }
+        if self.batching.max_queue_ms is not None:
+            self._seed_admission(backend, max_batch, device_thread)
         self.ready = True
         self.not_ready_reason = None
         log.info(
             "model %s ready: backend %s, input [N, %d, %d, %d], max batch %d",
-            self.model_uri,
+            redact(self.model_uri),
             backend.description,
             backend.channels,
             backend.image_size,
             backend.image_size,
             max_batch,
         )
+
+    def _on_batch(self, size: int, compute_s: float, queue_wait_s: float) -> None:
+        metrics.observe_batch(size, compute_s, queue_wait_s)
+        self.admission.observe(size, compute_s)
+
+    def _seed_admission(self, backend: Backend, max_batch: int, device_thread: ThreadPoolExecutor) -> None:
+        """Seed the admission rate with a full batch of zeros, timed on its second run (the first
+        one pays for lazy compilation and allocation), before any request arrives."""
+        zeros = np.zeros((max_batch, backend.channels, backend.image_size, backend.image_size), np.float32)
+        try:
+            for _ in range(2):
+                start = time.perf_counter()
+                device_thread.submit(backend.predict, zeros).result()
+                elapsed = time.perf_counter() - start
+        except Exception as exc:  # the first real batches measure it instead
+            log.warning("warm-up batch failed (%s); the admission rate is measured from the first batches", exc)
+            return
+        self.admission.seed(max_batch, elapsed)
+        log.info("admission seeded at %.0f rows/s (warm-up batch of %d)", self.admission.rows_per_s, max_batch)
 
     def stop(self) -> None:
         """End serving for good: fail waiting requests, close the batchers, end the device thread.
@@ -157,7 +187,19 @@ class TopTagger(Model):
                 batcher.shutdown(f"model '{self.name}' {self.not_ready_reason}")
             if self.device_thread is not None:
                 self.device_thread.shutdown(wait=True, cancel_futures=True)
-            log.info("model %s stopped", self.model_uri)
+            log.info("model %s stopped", redact(self.model_uri))
+
+    def reopen(self) -> None:
+        """Undo :meth:`stop` so that the next :meth:`load` builds a fresh backend, batchers and device
+        thread: the control plane's load after an explicit unload (:mod:`serving.control`), never
+        KServe's load retries, which keep refusing a stopped model. Does nothing unless stopped.
+        """
+        with self._lifecycle:
+            if not self.stopped:
+                return
+            self.stopped = False
+            self.backend, self.contract, self.batchers, self.device_thread = None, None, {}, None
+            self.not_ready_reason = "not loaded yet"
 
     # --- metadata -------------------------------------------------------------------------------
     def get_input_types(self) -> list[dict]:
@@ -185,12 +227,16 @@ class TopTagger(Model):
             requested_outputs=payload.request_outputs,
         )
 
-    async def classify(self, input_name: str, rows: np.ndarray) -> np.ndarray:
+    async def classify(self, input_name: str, rows: np.ndarray, admitted: bool = False) -> np.ndarray:
         """Validated rows of one input kind -> probabilities float32 [N, 2], through the batcher.
 
         Shared by both transports: KServe's REST path (``predict``) and the gRPC fast path
-        (:mod:`serving.grpc_infer`).
+        (:mod:`serving.grpc_infer`). ``admitted``: the caller holds ``self.admission`` for these
+        rows already (it checked the size before decoding them); else they are admitted here.
         """
+        if not admitted:
+            with self.admission.admit(len(rows)):
+                return await self.classify(input_name, rows, admitted=True)
         batcher = None if self.stopped else self.batchers.get(input_name)
         if batcher is None:  # stopped, or never loaded: say why rather than wait for a batcher
             raise ModelNotReady(self.name, self.not_ready_reason)

@@ -8,6 +8,11 @@
   answers that say *why* the model is not ready.
 - A model that fails to load is still registered, so the server comes up not ready and says
   why, instead of exiting (which a crash-looping pod would hide).
+- Model load/unload (KServe's repository extension) only through :mod:`serving.control`: refused
+  unless ``--model-control explicit``, then only with the bearer token; after an unload the
+  server is not live (REST and gRPC) until a load brings the model back.
+- Every answer but a successful inference, and every log record, goes through
+  :mod:`serving.redact`: no credential leaves the process.
 """
 
 from __future__ import annotations
@@ -30,15 +35,20 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from starlette.exceptions import HTTPException
 
-from serving import metrics, triton
+from serving import client_errors, metrics, triton
+from serving.control import ModelControl, ModelController
+from serving.control import install_rest as install_control_routes
 from serving.errors import ServerOverloaded
 from serving.grpc_infer import KServeErrorsInterceptor, TaggerServicer
+from serving.limits import Limits, retry_after_header
 from serving.predictor import TopTagger
+from serving.redact import RedactAnswers
+from serving.rest_infer import install_infer_routes
 from toptagger.constants import MODEL_VERSION
 
 log = logging.getLogger("serving.server")
 access = logging.getLogger("serving.access")
-DEFAULT_MAX_BODY = 64 * 1024 * 1024  # 64 MiB: 100 images of 224x224x3 fp32, far above any sane batch
+DEFAULT_MAX_BODY = Limits.max_request_bytes  # --max-request-mb (serving.limits)
 INFER_SUFFIX = "/infer"
 
 
@@ -93,9 +103,10 @@ class RestGuard:
             elapsed = time.perf_counter() - start
             metrics.REQUESTS.labels("rest", str(status)).inc()
             metrics.REQUEST_LATENCY.labels("rest").observe(elapsed)
-            if status >= 400 or access.isEnabledFor(logging.DEBUG):
+            # Server faults at WARNING; client errors are logged, rate-limited, by serving.client_errors.
+            if status >= 500 or access.isEnabledFor(logging.DEBUG):
                 access.log(
-                    logging.WARNING if status >= 400 else logging.DEBUG,
+                    logging.WARNING if status >= 500 else logging.DEBUG,
                     json.dumps(
                         {
                             "protocol": "rest",
@@ -124,7 +135,7 @@ async def _send_json(send: Callable, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int) -> None:
+def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int, dataplane: Any = None) -> None:
     """Routes and handlers added to KServe's FastAPI app before KServe adds its own.
 
     Starlette matches routes in order, so these readiness routes answer first.
@@ -135,13 +146,16 @@ def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int) -> No
             return JSONResponse({"ready": True})
         return JSONResponse({"ready": False, "reason": model.not_ready_reason}, status_code=503)
 
-    async def model_ready(model_name: str) -> JSONResponse:
+    async def model_ready(model_name: str, version: str = "") -> JSONResponse:
         if model_name != model.name:
             return JSONResponse({"error": f"unknown model '{model_name}'; this server serves '{model.name}'"}, 404)
+        if version not in ("", MODEL_VERSION):
+            return JSONResponse({"error": f"unknown version '{version}' of '{model.name}'; serving '1'"}, 404)
         return await server_ready()
 
     app.add_api_route("/v2/health/ready", server_ready, methods=["GET"])
     app.add_api_route("/v2/models/{model_name}/ready", model_ready, methods=["GET"])
+    app.add_api_route("/v2/models/{model_name}/versions/{version}/ready", model_ready, methods=["GET"])
 
     # Triton's HTTP extensions (repository index, model configuration, statistics), as SONIC's
     # gRPC calls have them on the other port: the same messages, as Triton writes them in JSON.
@@ -156,7 +170,7 @@ def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int) -> No
         body = await request.body()
         try:
             ready_only = bool(json.loads(body).get("ready", False)) if body.strip() else False
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # RecursionError: nested past the parser's depth
             return JSONResponse(
                 {"error": 'malformed request: the body must be a JSON object such as {"ready": true}'}, 400
             )
@@ -183,9 +197,11 @@ def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int) -> No
         app.add_api_route(f"{prefix}/stats", model_stats, methods=["GET"])
         app.add_api_route(prefix, model_metadata, methods=["GET"])
     app.add_api_route("/v2/models/stats", model_stats, methods=["GET"])
+    if dataplane is not None:  # /infer decoded off the event loop (serving.rest_infer)
+        install_infer_routes(app, model, dataplane)
 
     async def overloaded(_: Request, exc: ServerOverloaded) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=503, headers={"retry-after": "1"})
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"retry-after": retry_after_header(exc)})
 
     async def bad_request(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": f"malformed request: {_short(exc)}"}, status_code=400)
@@ -199,6 +215,8 @@ def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int) -> No
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_exception_handler(json.JSONDecodeError, bad_request)
+    # Logged once per (endpoint, reason) a minute, no traceback; pinned ahead of KServe's handlers.
+    client_errors.install_rest(app, (HTTPException, RequestValidationError, json.JSONDecodeError))
     app.add_middleware(RestGuard, max_body=max_body)
 
 
@@ -225,6 +243,14 @@ class TaggerDataPlane(DataPlane):
                 raise
             raise InvalidInput(f"the request body does not decode as a v2 inference request: {exc}") from None
 
+    # Liveness follows the model control plane (serving.control); gRPC's servicer takes it from here.
+    controller: ModelController | None = None
+
+    async def live(self) -> dict[str, str]:  # type: ignore[override]
+        """Not live while an explicit unload has not been followed by a load (REST and gRPC)."""
+        reason = self.controller.not_live_reason() if self.controller else None
+        return {"status": "alive"} if reason is None else {"status": "not live", "reason": reason}
+
 
 # --- gRPC ---------------------------------------------------------------------------------------
 class TaggerGRPCServer:
@@ -247,21 +273,21 @@ class TaggerGRPCServer:
         model: TopTagger,
         options: dict[str, Any],
         grace_period: int = 30,
+        limits: Limits | None = None,
     ) -> None:
         self._port, self._data_plane, self._extension = port, data_plane, model_repository_extension
         self.model, self._options, self._grace_period = model, options, grace_period
+        self.limits = limits or Limits()
         self._server: aio.Server | None = None
 
     async def start(self, max_workers: int) -> None:
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=(KServeErrorsInterceptor(),),
-            options=[
-                ("grpc.max_send_message_length", self._options.get("grpc_max_send_message_length")),
-                ("grpc.max_receive_message_length", self._options.get("grpc_max_receive_message_length")),
-            ],
+            options=self.limits.grpc_options(),  # --max-message-mb (KServe's own flags are cleared)
         )
-        servicer = TaggerServicer(self._data_plane, self._extension, self.model)
+        servicer = TaggerServicer(self._data_plane, self._extension, self.model, self.limits.max_request_bytes)
+        servicer.control = getattr(self._data_plane, "controller", None) or servicer.control
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         # A second generic handler for the same service: gRPC asks KServe's first, and falls back
         # to this one for the methods KServe does not define.
@@ -291,13 +317,21 @@ class TaggerModelServer(ModelServer):
     Both rely on upstream behaviour that ``tests/serving/test_kserve_upstream.py`` pins.
     """
 
-    def __init__(self, model: TopTagger, max_body: int = DEFAULT_MAX_BODY, **kwargs: Any) -> None:
+    def __init__(
+        self, model: TopTagger, max_body: int = DEFAULT_MAX_BODY, control: ModelControl | None = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("enable_latency_logging", False)  # one INFO line per request costs throughput
+        # Request and message sizes (serving.limits); max_body is the request cap's old name.
+        self.limits: Limits = kwargs.pop("limits", None) or Limits(max_request_bytes=max_body)
+        max_body = self.limits.max_request_bytes
         self.serve_grpc = kwargs.pop("enable_grpc", True)
         super().__init__(enable_grpc=False, **kwargs)
         self.dataplane = TaggerDataPlane(model_registry=self.registered_models)
         self.model = model
         self.max_body = max_body
+        # Load/unload: refused unless control says explicit (serving.control); liveness follows it.
+        self.controller = ModelController(model, control, self.registered_models)
+        self.dataplane.controller = self.controller
         # Per-request INFO lines from uvicorn and KServe's timing middleware cost throughput;
         # our own access log keeps errors (and every request at DEBUG).
         for name in ("uvicorn.access", "kserve.trace"):
@@ -311,7 +345,9 @@ class TaggerModelServer(ModelServer):
         self.register_model(model)  # registered even when not ready: readiness says why
         model.enable_latency_logging = self.enable_latency_logging
         # Before upstream's RESTServer adds KServe's routes, so that ours answer first.
-        install_rest_extensions(app, model, self.max_body)
+        install_control_routes(app, self.controller)
+        install_rest_extensions(app, model, self.max_body, self.dataplane)
+        app.add_middleware(RedactAnswers)  # every answer but a successful inference (serving.redact)
         if self.serve_grpc:
             self._grpc_server = TaggerGRPCServer(
                 self.grpc_port,
@@ -320,6 +356,7 @@ class TaggerModelServer(ModelServer):
                 model,
                 options=vars(kserve_args),
                 grace_period=self.grace_period,
+                limits=self.limits,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
         super().start([])

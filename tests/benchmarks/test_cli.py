@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
         "benchmarks.opencl",
         "benchmarks.opencl_accuracy",
         "benchmarks.stock_kserve",
+        "benchmarks.limits",
         "serving.bench",
     ],
 )

@@ -390,3 +390,16 @@ def test_each_pool_serves_with_its_runtime(
         monkeypatch.setenv(entry["name"], entry.get("value") or "")
     args = build_parser().parse_args(container.get("args", []))
     assert {"backend": args.backend, "fallback": args.fallback, "precision": args.precision} == runtime
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_model_control_is_off_and_its_token_comes_from_an_optional_secret(
+    built: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    """serving/control.py: load/unload refused unless MODEL_CONTROL=explicit; the token only from a
+    Secret that the cluster owner creates (optional: the pod starts without it)."""
+    env = {entry["name"]: entry for entry in kserve_container(isvc_of(built[overlay]))["env"]}
+    assert env["MODEL_CONTROL"]["value"] == "none"
+    reference = env["CONTROL_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert reference == {"name": "top-tagger-control", "key": "token", "optional": True}
+    assert not any(doc["kind"] == "Secret" and doc["metadata"]["name"] == reference["name"] for doc in built[overlay])

@@ -32,7 +32,13 @@ def images(n: int, channels: int = 3, seed: int = 0) -> np.ndarray:
 
 
 def constituents(n: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, 200, 4)).astype(np.float32)
+    """Physical jets: random momenta, E >= |p| (massive), the last 50 rows zero padding."""
+    rng = np.random.default_rng(seed)
+    momenta = rng.normal(size=(n, 200, 3))
+    energy = np.linalg.norm(momenta, axis=-1) * rng.uniform(1.0, 1.5, size=(n, 200))
+    jets = np.concatenate([energy[..., None], momenta], axis=-1).astype(np.float32)
+    jets[:, 150:] = 0
+    return jets
 
 
 def rest_request(
@@ -237,7 +243,7 @@ def test_constituents_whose_squares_overflow_float32_are_refused_per_request(tra
     array[1, 0, 1] = value
     with refused("input 'constituents' holds momenta beyond 1e+15 GeV"):
         parse(transport, "constituents", array)
-    array[1, 0, 1] = 1e15  # the limit itself is accepted
+    array[1, 0, :2] = 1e15  # the limit itself is accepted (E = |p|: a physical constituent)
     assert parse(transport, "constituents", array)[0] == "constituents"
 
 

@@ -29,6 +29,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from prometheus_client import REGISTRY
 
+from serving import client_errors
 from serving.errors import ServerOverloaded
 from serving.grpc_infer import RequestRefused, TaggerServicer, _refusal
 from serving.predictor import BatchingOptions, TopTagger
@@ -257,19 +258,23 @@ def test_a_request_sent_while_the_queue_is_full_is_resource_exhausted(
     assert second.details == "the inference queue is full (1 requests waiting); retry later"
 
 
-def test_a_refusal_is_logged_with_the_request_id(
-    servicer: TaggerServicer, images: np.ndarray, caplog: pytest.LogCaptureFixture
+def test_a_refusal_is_logged_with_the_request_id_once_a_minute(
+    servicer: TaggerServicer, images: np.ndarray, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="serving.access")
+    """A client's mistake is logged at INFO, without a traceback, once per kind a minute (serving.client_errors)."""
+    monkeypatch.setattr(client_errors, "CLIENT_ERRORS", client_errors.ClientErrorLog())
+    caplog.set_level(logging.INFO, logger="serving")
     aborted(servicer, infer_request("images", images[:1], model_version="7", id="from-request"))
-    aborted(servicer, infer_request("images", images[:1], model_version="7"), metadata=(("x-request-id", "hdr-3"),))
-    entries = [json.loads(r.getMessage()) for r in caplog.records if r.name == "serving.access"]
+    aborted(servicer, infer_request("images", images[:1], model_version="8"), metadata=(("x-request-id", "hdr-3"),))
+    aborted(servicer, infer_request("images", images[:1], model_name="nope"), metadata=(("x-request-id", "hdr-4"),))
+    records = [r for r in caplog.records if r.name.startswith("serving")]
+    entries = [json.loads(r.getMessage()) for r in records]
     assert [(e["request_id"], e["status"], e["protocol"]) for e in entries] == [
-        ("from-request", "NOT_FOUND", "grpc"),
-        ("hdr-3", "NOT_FOUND", "grpc"),
+        ("from-request", "NOT_FOUND", "grpc"),  # the same kind of mistake with version 8 is held back
+        ("hdr-4", "NOT_FOUND", "grpc"),
     ]
-    assert entries[0]["error"] == "unknown version '7' of 'top-tagger'; serving '1'"
-    assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "serving.access")
+    assert entries[0]["client_error"] == "unknown version '7' of 'top-tagger'; serving '1'"
+    assert all(r.levelno == logging.INFO and not r.exc_info for r in records)
 
 
 # --- ModelInfer: good requests -------------------------------------------------------------------

@@ -175,6 +175,7 @@ def test_real_triton_clients(server: Server, reference: TorchBackend) -> None:
 
 IMAGE = np.zeros((1, 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
 JET = np.zeros((1, 200, 4), np.float32)
+JET[0, 0] = (100.0, 60.0, 0.0, 80.0)  # one massless constituent (E = |p|), the rest padding: a valid jet
 
 
 @pytest.mark.parametrize(

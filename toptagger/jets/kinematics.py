@@ -48,3 +48,42 @@ def delta_phi(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def delta_r(eta_a: np.ndarray, phi_a: np.ndarray, eta_b: np.ndarray, phi_b: np.ndarray) -> np.ndarray:
     """Distance in the (eta, phi) plane with phi wrapped."""
     return np.hypot(np.asarray(eta_a) - np.asarray(eta_b), delta_phi(phi_a, phi_b))
+
+
+# E >= |p| for every particle (massless ones have E = |p|), but the four components are stored as
+# float32: each is rounded once, by at most u = 2**-24 of itself, so a massless particle's stored
+# E / |p| can lie as low as (1 - u) / (1 + u) ~ 1 - 2u (the check itself runs in float64, adding
+# nothing that matters; the generator's own jets reach 1 - 1.7u). A client that computes the
+# components in float32 from (pT, eta, phi, m), as detector-level producers do (CMSSW's candidates
+# hold float four-vectors), adds a few roundings of u each, and more where it goes through
+# (pT, eta) at large |eta|, where pz and E are both ~ pT sinh(eta) and cosh(eta) rounded apart.
+# 2**-16 ~ 1.5e-5 (128u) leaves that margin many times over, and nothing physical hides in it: it
+# is a negative mass^2 of 3e-5 p^2, while what the check is for (columns swapped, momenta in
+# other units than energies, garbage) misses by whole factors.
+ENERGY_TOLERANCE = 2.0**-16
+
+
+def first_unphysical(constituents: np.ndarray, tolerance: float = ENERGY_TOLERANCE) -> tuple[int, int, str] | None:
+    """The first impossible entry of finite constituents ``[N, M, 4]`` (E, px, py, pz), else None.
+
+    Returns ``(jet, constituent, what)``; ``constituent`` is -1 for a jet with no constituent at all
+    (every row zero: not a jet). Zero rows are padding and always fine; any other row needs
+    E >= 0 and E >= |p| (1 - ``tolerance``). Vectorised: one pass over the batch when all is well.
+    """
+    p4 = np.asarray(constituents, dtype=np.float64)  # squares of float32 values neither overflow nor underflow
+    energy = p4[..., E]
+    p2 = np.einsum("...i,...i->...", p4[..., PX:], p4[..., PX:])
+    bad = (energy < 0) | (energy * energy < p2 * (1.0 - tolerance) ** 2)
+    # A row with E = 0 and p != 0 is bad already, so a jet with no bad row is empty when no E is set.
+    empty = ~energy.any(axis=-1)
+    if not (bad.any() or empty.any()):
+        return None
+    rows = np.flatnonzero(bad.any(axis=-1) | empty)
+    jet = int(rows[0])
+    if empty[jet]:
+        return jet, -1, "has no constituent (every row is zero): not a jet"
+    k = int(np.argmax(bad[jet]))
+    e, momentum = float(energy[jet, k]), float(np.sqrt(p2[jet, k]))
+    if e < 0:
+        return jet, k, f"has negative energy E = {e:.7g} GeV"
+    return jet, k, f"has E = {e:.7g} GeV below |p| = {momentum:.7g} GeV (E >= |p| for any particle)"

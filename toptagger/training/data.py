@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 
 def load_training_jets(source: JetSource) -> JetBatch:
-    """All jets of ``source`` (path or s3://, the reference layout or the compact file), trimmed."""
+    """All jets of ``source`` (path or s3://, the reference layout or the compact file), read in chunks."""
     return read_shares(source, [np.arange(count_rows(source))])[0]
 
 

@@ -62,7 +62,7 @@ def kustomize_with_uri(overlay: str, uri: str, tmp_path: Path) -> dict[str, Any]
 def test_render_equals_the_overlay_built_with_that_uri(overlay: str, tmp_path: Path) -> None:
     rendered = to_dict(kserve.render(URI, overlay))
     assert rendered == kustomize_with_uri(overlay, URI, tmp_path)
-    env = {e["name"]: e["value"] for e in rendered["spec"]["predictor"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in rendered["spec"]["predictor"]["containers"][0]["env"]}
     assert env["STORAGE_URI"] == URI
 
 
