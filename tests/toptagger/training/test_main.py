@@ -47,16 +47,6 @@ def test_help_and_errors(jets_file: Path, tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.slow
-def test_cli_trains_and_writes_the_model(jets_file: Path, tmp_path: Path) -> None:
-    args = ["--data", str(jets_file), "--out", str(tmp_path / "run"), "--image-size", "32", "--epochs", "1"]
-    args += ["--max-steps-per-epoch", "2", "--batch-size", "8", "--no-progress", "--in-channels", "1"]
-    assert run_cli(main, args) == 0
-    summary = json.loads((tmp_path / "run" / HISTORY_FILE).read_text())
-    assert summary["config"]["image"]["image_size"] == 32 and summary["config"]["in_channels"] == 1
-    assert load_model(tmp_path / "run" / MODEL_DIR).config.in_channels == 1
-
-
-@pytest.mark.slow
 def test_trains_into_a_run_folder_and_writes_the_model(jets_file: Path, tmp_path: Path) -> None:
     args = ["--data", str(jets_file), "--out", str(tmp_path / "run"), "--image-size", "32", "--epochs", "1"]
     args += ["--max-steps-per-epoch", "2", "--batch-size", "8", "--no-progress", "--in-channels", "1"]
