@@ -9,8 +9,9 @@ must be the backend's own probabilities.
 
 grpc.aio's ``ServicerContext`` cannot be built outside a running server, so ``ModelInfer`` gets
 :class:`RecordingContext`, which does what the servicer uses of grpc's: ``invocation_metadata()``,
-and ``abort()``, which records the status and raises (grpc's raises ``AbortError``, so a handler
-never runs on after aborting).
+and ``set_code()`` / ``set_details()``, which record the status. ``ModelInfer`` answers a refusal
+with that status (grpc then drops the response), not with ``abort()``: grpc keeps the abort's
+exception in the call's state, a reference cycle per refusal holding the request's payload.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ BATCHING = BatchingOptions(max_batch_size=8, max_latency_ms=5.0, max_queue=1)
 
 
 class RecordingContext:
-    """A stand-in for grpc.aio's ServicerContext: records the abort and raises as grpc does."""
+    """A stand-in for grpc.aio's ServicerContext: records the status (set, or aborted with)."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.metadata = metadata
@@ -52,6 +53,12 @@ class RecordingContext:
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self.metadata
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         self.code, self.details = code, details
@@ -114,14 +121,15 @@ def model_infer(
     return asyncio.run(servicer.ModelInfer(request, context))  # type: ignore[arg-type]
 
 
-def aborted(
+def refused_by(
     servicer: TaggerServicer, request: pb.ModelInferRequest, metadata: tuple[tuple[str, str], ...] = ()
 ) -> RecordingContext:
-    """Run ``ModelInfer``, which must abort; return the context holding the status it sent."""
+    """Run ``ModelInfer``, which must refuse (a status set, no exception: see the module docstring);
+    return the context holding the status it sent."""
     recording = RecordingContext(metadata)
-    with pytest.raises(grpc.aio.AbortError):
-        model_infer(servicer, request, recording)
-    assert recording.code is not None
+    response = model_infer(servicer, request, recording)
+    assert recording.code not in (None, grpc.StatusCode.OK)
+    assert not response.outputs, "a refusal carries no outputs"
     return recording
 
 
@@ -177,7 +185,7 @@ def test_an_unknown_model_name_is_not_found(servicer: TaggerServicer, images: np
     assert refused.message == "unknown model 'bottom-tagger'; serving 'top-tagger'"
 
     counted = refusals_counted(grpc.StatusCode.NOT_FOUND)
-    context = aborted(servicer, infer_request("images", images[:1], model_name="bottom-tagger"))
+    context = refused_by(servicer, infer_request("images", images[:1], model_name="bottom-tagger"))
     assert (context.code, context.details) == (refused.code, refused.message)
     assert refusals_counted(grpc.StatusCode.NOT_FOUND) == counted + 1
 
@@ -186,7 +194,7 @@ def test_an_unknown_model_name_is_not_found(servicer: TaggerServicer, images: np
 def test_a_version_other_than_empty_or_1_is_not_found(
     servicer: TaggerServicer, images: np.ndarray, version: str
 ) -> None:
-    context = aborted(servicer, infer_request("images", images[:1], model_version=version))
+    context = refused_by(servicer, infer_request("images", images[:1], model_version=version))
     assert context.code == grpc.StatusCode.NOT_FOUND
     assert context.details == f"unknown version '{version}' of 'top-tagger'; serving '1'"
 
@@ -195,7 +203,7 @@ def test_a_model_that_failed_to_load_is_unavailable_with_the_reason(tmp_path: Pa
     missing = str(tmp_path / "no-such-model")
     model = TopTagger(missing, backend="torch")
     assert not model.load()
-    context = aborted(TaggerServicer(None, None, model), infer_request("images", images[:1]))
+    context = refused_by(TaggerServicer(None, None, model), infer_request("images", images[:1]))
     assert context.code == grpc.StatusCode.UNAVAILABLE
     assert context.details is not None
     assert context.details.startswith("model 'top-tagger' is not ready: cannot load model")
@@ -203,7 +211,7 @@ def test_a_model_that_failed_to_load_is_unavailable_with_the_reason(tmp_path: Pa
 
 
 def test_a_model_not_loaded_yet_is_unavailable(images: np.ndarray) -> None:
-    context = aborted(TaggerServicer(None, None, TopTagger("/nowhere")), infer_request("images", images[:1]))
+    context = refused_by(TaggerServicer(None, None, TopTagger("/nowhere")), infer_request("images", images[:1]))
     assert (context.code, context.details) == (
         grpc.StatusCode.UNAVAILABLE,
         "model 'top-tagger' is not ready: not loaded yet",
@@ -213,7 +221,7 @@ def test_a_model_not_loaded_yet_is_unavailable(images: np.ndarray) -> None:
 def test_an_unknown_requested_output_is_invalid_argument(servicer: TaggerServicer, images: np.ndarray) -> None:
     request = infer_request("images", images[:1])
     request.outputs.add(name="logits")
-    context = aborted(servicer, request)
+    context = refused_by(servicer, request)
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT
     assert context.details == "unknown output 'logits'; the model returns 'probabilities'"
 
@@ -223,12 +231,12 @@ def test_what_the_contract_refuses_is_invalid_argument_with_its_message(
 ) -> None:
     bad = images[:2].copy()
     bad[1, 0, 5, 7] = np.nan
-    context = aborted(servicer, infer_request("images", bad))
+    context = refused_by(servicer, infer_request("images", bad))
     assert (context.code, context.details) == (grpc.StatusCode.INVALID_ARGUMENT, "input 'images' contains NaN or Inf")
 
     request = infer_request("images", images[:2])
     request.raw_input_contents[0] = request.raw_input_contents[0][:-4]  # one float short
-    context = aborted(servicer, request)
+    context = refused_by(servicer, request)
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT
     assert (
         context.details
@@ -253,7 +261,7 @@ def test_a_request_sent_while_the_queue_is_full_is_resource_exhausted(
     answered, refused = asyncio.run(two_at_once())
     assert isinstance(answered, pb.ModelInferResponse) and answered.id == "first"
     assert first.code is None
-    assert isinstance(refused, grpc.aio.AbortError)
+    assert isinstance(refused, pb.ModelInferResponse) and not refused.outputs
     assert second.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert second.details == "the inference queue is full (1 requests waiting); retry later"
 
@@ -264,9 +272,9 @@ def test_a_refusal_is_logged_with_the_request_id_once_a_minute(
     """A client's mistake is logged at INFO, without a traceback, once per kind a minute (serving.client_errors)."""
     monkeypatch.setattr(client_errors, "CLIENT_ERRORS", client_errors.ClientErrorLog())
     caplog.set_level(logging.INFO, logger="serving")
-    aborted(servicer, infer_request("images", images[:1], model_version="7", id="from-request"))
-    aborted(servicer, infer_request("images", images[:1], model_version="8"), metadata=(("x-request-id", "hdr-3"),))
-    aborted(servicer, infer_request("images", images[:1], model_name="nope"), metadata=(("x-request-id", "hdr-4"),))
+    refused_by(servicer, infer_request("images", images[:1], model_version="7", id="from-request"))
+    refused_by(servicer, infer_request("images", images[:1], model_version="8"), metadata=(("x-request-id", "hdr-3"),))
+    refused_by(servicer, infer_request("images", images[:1], model_name="nope"), metadata=(("x-request-id", "hdr-4"),))
     records = [r for r in caplog.records if r.name.startswith("serving")]
     entries = [json.loads(r.getMessage()) for r in records]
     assert [(e["request_id"], e["status"], e["protocol"]) for e in entries] == [
