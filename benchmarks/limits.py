@@ -97,6 +97,16 @@ def infer_message(images: np.ndarray) -> bytes:
     return request.SerializeToString()
 
 
+def _raw_infer_calls(target: str, clients: int) -> tuple[list[Any], list[Any]]:
+    """One channel per client (no message-size limit) and its raw ``ModelInfer`` call (bytes in, bytes out)."""
+    from grpc import aio
+
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    channels = [aio.insecure_channel(target, options=options) for _ in range(clients)]
+    method = "/inference.GRPCInferenceService/ModelInfer"
+    return channels, [c.unary_unary(method, request_serializer=None, response_deserializer=None) for c in channels]
+
+
 async def grpc_clients(
     target: str, message: bytes, clients: int, seconds: float, backoff_s: float = 0.0
 ) -> tuple[list[float], list[float], int]:
@@ -105,15 +115,11 @@ async def grpc_clients(
     A refused client waits ``backoff_s`` before it sends again, as a client told to retry later does.
     """
     import grpc
-    from grpc import aio
 
     ok: list[float] = []
     refused: list[float] = []
     errors = 0
-    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-    channels = [aio.insecure_channel(target, options=options) for _ in range(clients)]
-    method = "/inference.GRPCInferenceService/ModelInfer"
-    calls = [c.unary_unary(method, request_serializer=None, response_deserializer=None) for c in channels]
+    channels, calls = _raw_infer_calls(target, clients)
     stop_at = time.perf_counter() + seconds
 
     async def client(call: object) -> None:
@@ -248,19 +254,15 @@ async def paced_clients(
 ) -> tuple[list[float], list[float], int]:
     """Clients that each send ``message`` every ``interval`` s (not closed-loop): (answered, refused, errors)."""
     import grpc
-    from grpc import aio
 
     ok: list[float] = []
     refused: list[float] = []
     errors = 0
-    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-    channels = [aio.insecure_channel(target, options=options) for _ in range(clients)]
-    method = "/inference.GRPCInferenceService/ModelInfer"
+    channels, calls = _raw_infer_calls(target, clients)
     stop_at = time.perf_counter() + seconds
 
-    async def client(channel: Any, offset: float) -> None:
+    async def client(call: Any, offset: float) -> None:
         nonlocal errors
-        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         await asyncio.sleep(offset)
         while (start := time.perf_counter()) < stop_at:
             try:
@@ -274,7 +276,7 @@ async def paced_clients(
             await asyncio.sleep(max(0.0, start + interval - time.perf_counter()))
 
     try:
-        await asyncio.gather(*(client(c, i * interval / clients) for i, c in enumerate(channels)))
+        await asyncio.gather(*(client(c, i * interval / clients) for i, c in enumerate(calls)))
     finally:
         await asyncio.gather(*(c.close() for c in channels))
     return ok, refused, errors
