@@ -9,7 +9,11 @@ while one more client sends a REST body in a loop: the largest the cap allows (a
 whose JSON header declares as many images as fit under ``--max-request-mb``: the contract
 refuses it, but only once it is decoded), and the largest *valid* request (a full batch of
 images, binary). The gRPC clients' rows/s and p99 with the big client, over their values without
-it (medians of the rounds), are the result: the target is >= 0.8x and < 2x.
+it (medians of the rounds), are the result: the target is >= 0.8x and < 2x. A control row sends
+the cap body to a sink (a process that only reads and drops it) instead of the server: with
+every process on the same cores, that is what the big client's upload costs whatever the server
+does, the bound for the other rows. The CPU that the server, the big client and the sink use
+during each measurement is reported beside it.
 
 ``refusals``: 16 closed-loop gRPC clients (in a process of their own, backing off 50 ms when
 refused) keep the server busy with batch-1 requests, while ``--probes`` clients send a full batch
@@ -180,64 +184,131 @@ def binary_body(images_shape: list[int], payload_bytes: int) -> tuple[bytes, dic
     return body, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
 
 
+def _sink(port: int, ready: Any) -> None:
+    """In a process of its own: an HTTP/1.1 server that reads each body and drops it, answering 400.
+
+    The floor for any server: what a client looping big bodies costs the machine (its own
+    CPU and the loopback copies) when the server does nothing but read.
+    """
+    import socket
+
+    answer = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    buffer = bytearray(1 << 20)
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        ready.set()
+        while True:
+            connection, _ = listener.accept()
+            with connection:
+                pending = b""
+                while True:
+                    while b"\r\n\r\n" not in pending:
+                        chunk = connection.recv(65536)
+                        if not chunk:
+                            break
+                        pending += chunk
+                    if b"\r\n\r\n" not in pending:
+                        break
+                    head, _, pending = pending.partition(b"\r\n\r\n")
+                    lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+                    left = (int(lengths[0].split(b":")[1]) if lengths else 0) - len(pending)
+                    pending = b""
+                    while left > 0:
+                        got = connection.recv_into(buffer, min(left, len(buffer)))
+                        if not got:
+                            break
+                        left -= got
+                    connection.sendall(answer)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (its threads included) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stall(args: argparse.Namespace, model_uri: str) -> list[str]:
     size, batch = args.image_size, args.max_batch_size
     image = np.random.default_rng(1).random((1, 3, size, size), dtype=np.float32)
     message = infer_message(image)
     per_image = 3 * size * size * 4
     cap_rows = (int(args.max_request_mb * MB) - 4096) // per_image
-    bodies = {
-        f"cap: {cap_rows} images declared ({cap_rows * per_image / 1e6:.1f} MB, over the batch limit)": (
-            [cap_rows, 3, size, size],
-            cap_rows * per_image,
-        ),
+    cap = f"cap: {cap_rows} images declared ({cap_rows * per_image / 1e6:.1f} MB, over the batch limit)"
+    # name -> (shape, payload bytes, sent to the sink instead of the server)
+    loads = {
+        "alone": ([], 0, False),
+        cap: ([cap_rows, 3, size, size], cap_rows * per_image, False),
         f"largest valid: {batch} images ({batch * per_image / 1e6:.2f} MB)": (
             [batch, 3, size, size],
             batch * per_image,
+            False,
+        ),
+        "cap, sent to a sink instead (reads and drops it: the client's own cost)": (
+            [cap_rows, 3, size, size],
+            cap_rows * per_image,
+            True,
         ),
     }
     spawn = multiprocessing.get_context("spawn")
+    sink_port, sink_ready = free_port(), spawn.Event()
+    sink = spawn.Process(target=_sink, args=(sink_port, sink_ready), daemon=True)
+    sink.start()
+    sink_ready.wait(60)
     # --max-body-mb: the cap's old name, which servers before --max-request-mb read too
     extra = ["--max-batch-size", str(batch), "--max-body-mb", str(args.max_request_mb), *args.server_args]
+    results: dict[str, list[tuple[float, float, float, float]]] = {}
+    statuses: dict[str, dict[int, int]] = {}
+    try:
+        with server(args.server_repo, model_uri, extra) as (url, target, server_pid):
+            for _ in range(args.rounds):
+                for name, (shape, payload_bytes, to_sink) in loads.items():
+                    big = None
+                    if payload_bytes:
+                        base = f"http://127.0.0.1:{sink_port}" if to_sink else url
+                        infer_url = f"{base}/v2/models/{MODEL_NAME}/infer"
+                        stop, answers = spawn.Event(), spawn.Queue()
+                        big = spawn.Process(target=_post_loop, args=(infer_url, shape, payload_bytes, stop, answers))
+                        big.start()
+                        time.sleep(3)  # started, its body built and on the wire
+                    receiver = sink.pid if to_sink else server_pid
+                    watched = [receiver] + ([big.pid] if big is not None else [])
+                    before, start = [cpu_seconds(pid) for pid in watched], time.perf_counter()
+                    ok, _, errors = asyncio.run(grpc_clients(target, message, args.clients, args.seconds))
+                    wall = time.perf_counter() - start
+                    used = [(cpu_seconds(pid) - b) / wall for pid, b in zip(watched, before, strict=True)]
+                    if big is not None:
+                        stop.set()
+                        for status, count in answers.get(timeout=300).items():
+                            statuses.setdefault(name, {})[status] = statuses.get(name, {}).get(status, 0) + count
+                        big.join()
+                    client_cores = used[1] if len(used) > 1 else 0.0
+                    results.setdefault(name, []).append(
+                        (len(ok) / args.seconds, percentiles(ok)[2], used[0], client_cores)
+                    )
+                    if errors:
+                        print(f"warning: {errors} gRPC errors during '{name}'", file=sys.stderr)
+    finally:
+        sink.kill()
+    median = {name: np.median(np.array(rounds), axis=0) for name, rounds in results.items()}
+    base_rate, base_p99 = float(median["alone"][0]), float(median["alone"][1])
     rows = []
-    with server(args.server_repo, model_uri, extra) as (url, target, _):
-        infer_url = f"{url}/v2/models/{MODEL_NAME}/infer"
-        results: dict[str, list[tuple[float, float]]] = {"alone": []}
-        statuses: dict[str, dict[int, int]] = {}
-        for _ in range(args.rounds):
-            for name, (shape, payload_bytes) in [("alone", ([], 0)), *bodies.items()]:
-                big = None
-                if payload_bytes:
-                    stop, answers = spawn.Event(), spawn.Queue()
-                    big = spawn.Process(target=_post_loop, args=(infer_url, shape, payload_bytes, stop, answers))
-                    big.start()
-                    time.sleep(3)  # started, its body built and on the wire
-                ok, _, errors = asyncio.run(grpc_clients(target, message, args.clients, args.seconds))
-                if big is not None:
-                    stop.set()
-                    for status, count in answers.get(timeout=300).items():
-                        statuses.setdefault(name, {})[status] = statuses.get(name, {}).get(status, 0) + count
-                    big.join()
-                results.setdefault(name, []).append((len(ok) / args.seconds, percentiles(ok)[2]))
-                if errors:
-                    print(f"warning: {errors} gRPC errors during '{name}'", file=sys.stderr)
-    base_rate = float(np.median([r for r, _ in results["alone"]]))
-    base_p99 = float(np.median([p for _, p in results["alone"]]))
-    rows.append(f"| {args.clients} gRPC batch-1 clients alone | {base_rate:.0f} | 1.00× | {base_p99:.1f} | 1.00× | — |")
-    for name in bodies:
-        rate = float(np.median([r for r, _ in results[name]]))
-        p99 = float(np.median([p for _, p in results[name]]))
-        answered = ", ".join(f"{n}× {s}" for s, n in sorted(statuses.get(name, {}).items()))
+    for name, (rate, p99, receiver, client) in median.items():
+        label = f"{args.clients} gRPC batch-1 clients alone" if name == "alone" else f"+ 1 REST client looping a {name}"
+        answered = ", ".join(f"{n}× {s}" for s, n in sorted(statuses.get(name, {}).items())) or "—"
+        big_cores = f"{client:.2f}" if name != "alone" else "—"
+        sink_cores = f"{receiver:.2f}" if loads[name][2] else "—"
+        server_cores = f"{receiver:.2f}" if not loads[name][2] else "—"
         rows.append(
-            f"| + 1 REST client looping a {name} | {rate:.0f} | {rate / base_rate:.2f}× | {p99:.1f} | "
-            f"{p99 / base_p99:.2f}× | {answered} |"
+            f"| {label} | {rate:.0f} | {rate / base_rate:.2f}× | {p99:.1f} | {p99 / base_p99:.2f}× | {answered} "
+            f"| {server_cores} | {big_cores} | {sink_cores} |"
         )
     head = [
         f"gRPC clients' rows/s and p99 (ms), medians of {args.rounds} rounds of {args.seconds:g} s; "
-        f"images {size}x{size}x3, --max-request-mb {args.max_request_mb:g}, server `{args.server_repo}`",
+        f"images {size}x{size}x3, --max-request-mb {args.max_request_mb:g}, server `{args.server_repo}`; "
+        "CPU in cores (CPU seconds per second) of the server, the big client and the sink",
         "",
-        "| load | gRPC rows/s | vs alone | gRPC p99 ms | vs alone | big client's answers |",
-        "|---|---|---|---|---|---|",
+        "| load | gRPC rows/s | vs alone | gRPC p99 ms | vs alone | big client's answers "
+        "| server CPU | big client CPU | sink CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     return head + rows
 

@@ -57,7 +57,7 @@ class Contract:
     def parse(self, request: InferRequest) -> tuple[str, np.ndarray]:
         """Validate a decoded v2 request (REST, through KServe); return the input's name and array."""
         tensor = _single_input(request.inputs)
-        shape = self._check_header(tensor.name, tensor.datatype, tensor.shape)
+        shape = self.check_header(tensor.name, tensor.datatype, tensor.shape)
         try:
             array = tensor.as_numpy()
         except InvalidInput:
@@ -69,7 +69,7 @@ class Contract:
     def parse_grpc(self, request: pb.ModelInferRequest) -> tuple[str, np.ndarray]:
         """Validate a gRPC ``ModelInferRequest`` as it came off the wire (raw or typed contents)."""
         tensor = _single_input(request.inputs)
-        shape = self._check_header(tensor.name, tensor.datatype, tensor.shape)
+        shape = self.check_header(tensor.name, tensor.datatype, tensor.shape)
         count = math.prod(shape)
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
@@ -94,8 +94,11 @@ class Contract:
     def _input_specs(self) -> dict[str, TensorSpec]:  # looked up on every request
         return {spec.name: spec for spec in self.inputs}
 
-    def _check_header(self, name: str, datatype: str, dims: Iterable[int]) -> list[int]:
-        """Check name, datatype and shape against the contract; return the shape."""
+    def check_header(self, name: str, datatype: str, dims: Iterable[int]) -> list[int]:
+        """Check name, datatype and shape against the contract; return the shape.
+
+        Needs no tensor data, so a request can be refused from its header alone.
+        """
         spec = self._input_specs.get(name)
         if spec is None:
             raise InvalidInput(f"unknown input '{name}'; expected '{IMAGES}' or '{CONSTITUENTS}'")

@@ -178,19 +178,31 @@ class Admission:
     def try_admit(self, rows: int) -> None:
         """Count ``rows`` in, or raise :class:`QueueTooLong`; pair with :meth:`release`."""
         with self._lock:
-            limit, rate = self.max_queue_s, self.rows_per_s
-            if limit is not None and rate and self.in_flight > 0:
-                wait = (self.in_flight + rows) / rate
-                if wait > limit:
-                    self.refused += 1
-                    ahead = self.in_flight / rate
-                    raise QueueTooLong(
-                        f"the inference queue holds {ahead * 1e3:.0f} ms of work ({self.in_flight} rows at "
-                        f"{rate:.0f} rows/s); with {rows} more rows it exceeds --max-queue-ms "
-                        f"{limit * 1e3:.0f}; retry later",
-                        retry_after_s=max(ahead - limit + rows / rate, 0.001),
-                    )
+            self._raise_if_too_long(rows)
             self.in_flight += rows
+
+    def check(self, rows: int) -> None:
+        """Raise :class:`QueueTooLong` if ``rows`` would be refused now, counting nothing in.
+
+        For a request whose body is still to be read: refused before the read, admitted only
+        once its tensor is there (an upload in progress must not hold rows others wait behind).
+        """
+        with self._lock:
+            self._raise_if_too_long(rows)
+
+    def _raise_if_too_long(self, rows: int) -> None:  # under self._lock
+        limit, rate = self.max_queue_s, self.rows_per_s
+        if limit is not None and rate and self.in_flight > 0:
+            wait = (self.in_flight + rows) / rate
+            if wait > limit:
+                self.refused += 1
+                ahead = self.in_flight / rate
+                raise QueueTooLong(
+                    f"the inference queue holds {ahead * 1e3:.0f} ms of work ({self.in_flight} rows at "
+                    f"{rate:.0f} rows/s); with {rows} more rows it exceeds --max-queue-ms "
+                    f"{limit * 1e3:.0f}; retry later",
+                    retry_after_s=max(ahead - limit + rows / rate, 0.001),
+                )
 
     def release(self, rows: int) -> None:
         with self._lock:

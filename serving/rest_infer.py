@@ -59,14 +59,24 @@ def install_infer_routes(app: FastAPI, model: TopTagger, dataplane: Any) -> None
         if contract is None:
             raise ModelNotReady(model.name, model.not_ready_reason)
         headers = {k.lower(): v for k, v in request.headers.items()}
-        body = await request.body()  # RestGuard refused a declared size over the cap already
         json_length = headers.get(INFERENCE_HEADER)
         if json_length is not None:
-            header_length = _header_length(json_length, len(body))
-            header = await off_loop(header_length, _loads, memoryview(body)[:header_length])
+            # The JSON header first: a request refused by its header is answered before the
+            # tensor bytes are read, and the server (uvicorn) discards the rest of the upload
+            # without handing it to us, so a client looping big wrong bodies costs little.
+            reader = _BodyReader(request, _content_length(headers))
+            header_length = _header_length(json_length, reader.expected)
+            if await reader.read_to(header_length) < header_length:
+                raise InvalidInput(f"'{INFERENCE_HEADER}' is {header_length}, but the body is shorter")
+            header = await off_loop(header_length, _loads, reader.head(header_length))
             rows, nbytes = declared_size(_shapes(header))
+            _check_header_only(header, contract)
+            if 1 <= rows <= contract.max_batch_size:
+                model.admission.check(rows)
+            body = await reader.read_all()
             decode = partial(_decode_binary, header, body, header_length, contract, model.name)
         else:
+            body = await request.body()  # RestGuard refused a declared size over the cap already
             rows, nbytes = 0, len(body)  # a JSON body tells its shape only once parsed
             decode = partial(_decode_json, body, contract, model.name)
         if 1 <= rows <= contract.max_batch_size:  # refused (or counted in) before the tensor is read
@@ -82,12 +92,70 @@ def install_infer_routes(app: FastAPI, model: TopTagger, dataplane: Any) -> None
         app.add_api_route(path, infer, methods=["POST"], include_in_schema=path == INFER_PATHS[0])
 
 
-def _header_length(value: str, body_length: int) -> int:
+class _BodyReader:
+    """A request body read into one buffer of the declared size, as far as asked.
+
+    One preallocated buffer rather than Starlette's list of chunks and a join: one copy of each
+    byte, and no second body-sized allocation.
+    """
+
+    def __init__(self, request: Request, expected: int | None) -> None:
+        self.expected = expected  # None: chunked transfer encoding, size known at the end
+        self._chunks = request.stream()
+        self._buffer = bytearray(expected or 0)
+        self._filled = 0
+        self._done = False
+
+    async def read_to(self, nbytes: int) -> int:
+        """Read until ``nbytes`` are in or the body ends; return how many are in."""
+        while self._filled < nbytes and not self._done:
+            chunk = await anext(self._chunks, None)
+            if chunk is None:
+                self._done = True
+                break
+            end = self._filled + len(chunk)
+            if end > len(self._buffer):  # a body longer than declared, or chunked: grow
+                self._buffer.extend(bytes(end - len(self._buffer)))
+            self._buffer[self._filled : end] = chunk
+            self._filled = end
+        return self._filled
+
+    def head(self, nbytes: int) -> bytes:
+        return bytes(self._buffer[:nbytes])  # a copy: a view would pin the buffer's size
+
+    async def read_all(self) -> bytearray:
+        await self.read_to(1 << 62)
+        if self._filled != len(self._buffer):
+            del self._buffer[self._filled :]  # a body shorter than declared
+        return self._buffer
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    value = headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _check_header_only(header: dict, contract: Contract) -> None:
+    """Refuse from the JSON header what the contract would refuse after reading the tensor.
+
+    Only a well-formed single input is checked here; anything else is refused, with the field
+    named, by the full decode (:func:`_decode`), once the body is in.
+    """
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        return
+    name, datatype, shape = (inputs[0].get(key) for key in ("name", "datatype", "shape"))
+    well_formed = isinstance(name, str) and isinstance(datatype, str) and isinstance(shape, list)
+    if well_formed and all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        contract.check_header(name, datatype, shape)
+
+
+def _header_length(value: str, body_length: int | None) -> int:
     try:
         length = int(value)
     except ValueError:
         raise InvalidInput(f"'{INFERENCE_HEADER}' must be an integer, got {value!r}") from None
-    if not 0 < length <= body_length:
+    if length <= 0 or (body_length is not None and length > body_length):
         raise InvalidInput(f"'{INFERENCE_HEADER}' is {length}, but the body has {body_length} bytes")
     return length
 
@@ -110,7 +178,7 @@ def _shapes(header: dict) -> list[Any]:
 
 
 def _decode_binary(
-    header: dict, body: bytes, header_length: int, contract: Contract, model_name: str
+    header: dict, body: bytes | bytearray, header_length: int, contract: Contract, model_name: str
 ) -> tuple[InferRequest, str, np.ndarray]:
     """The binary tensor extension: each input's bytes follow the JSON header, viewed, not copied."""
     view = memoryview(body)

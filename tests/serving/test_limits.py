@@ -213,6 +213,65 @@ def test_rest_body_over_the_cap_is_413_before_it_is_sent(capped: Server) -> None
     assert "exceeds" in answer
 
 
+def _read_answer(sock: socket.socket) -> str:
+    """One HTTP answer with a Content-Length body, read off a raw socket."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before an answer: {answer!r}"
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return (head + b"\r\n\r\n" + body).decode("latin-1")
+
+
+def test_rest_binary_refused_by_its_header_is_answered_before_the_tensor_arrives(capped: Server) -> None:
+    """Over the batch limit (8) but under the body cap: the JSON header alone decides.
+
+    The tensor bytes are withheld until the answer is in, so the answer cannot have waited for
+    them; they are sent afterwards and the same connection then serves a valid request (the
+    server discarded the refused upload rather than reading it as a new request).
+    """
+    rows = 9
+    tensor = bytes(4 * rows * 3 * IMAGE_SIZE * IMAGE_SIZE)
+    shape = [rows, 3, IMAGE_SIZE, IMAGE_SIZE]
+    spec = {"name": "images", "datatype": "FP32", "shape": shape, "parameters": {"binary_data_size": len(tensor)}}
+    head = json.dumps({"inputs": [spec]}).encode()
+    assert len(head) + len(tensor) < MB  # under the 1 MB cap: refused for its rows, not its size
+    request_head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        f"Inference-Header-Content-Length: {len(head)}\r\nContent-Length: {len(head) + len(tensor)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((capped.host, capped.http_port), timeout=GUARD_S) as sock:
+        sock.sendall(request_head + head)
+        answer = _read_answer(sock)
+        assert answer.startswith("HTTP/1.1 400"), answer
+        assert "exceeds the maximum batch size 8" in answer
+        sock.sendall(tensor)  # the rest of the refused upload, which the server drops
+
+        image = np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32).tobytes()
+        spec = {
+            "name": "images",
+            "datatype": "FP32",
+            "shape": [1, 3, IMAGE_SIZE, IMAGE_SIZE],
+            "parameters": {"binary_data_size": len(image)},
+        }
+        head = json.dumps({"inputs": [spec]}).encode()
+        sock.sendall(
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {len(head)}\r\nContent-Length: {len(head) + len(image)}\r\n\r\n".encode()
+            + head
+            + image
+        )
+        answer = _read_answer(sock)
+        assert answer.startswith("HTTP/1.1 200"), answer
+        assert '"probabilities"' in answer
+
+
 def test_old_flag_and_env_names_still_set_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     from serving.__main__ import build_parser
 
