@@ -60,7 +60,7 @@ MLFLOW_PORT ?= 5000
 demo: $(STAMP)  ## the pipeline through kfp.local (generate or DATASET=path-or-s3-uri, train, evaluate, register), then a short serving benchmark of the champion
 	@mkdir -p $(STATE)
 	$(PY) -m pipelines.run --state $(STATE) --dataset "$(DATASET)"
-	STATE=$(abspath $(STATE)) $(PY) -m serving.bench --model-uri models:/top-tagger@champion --clients 1,16 --batch-sizes 1 \
+	STATE=$(abspath $(STATE)) $(PY) -m benchmarks.serving --model-uri models:/top-tagger@champion --clients 1,16 --batch-sizes 1 \
 	  --protocols grpc --inputs images,constituents --seconds 4 --no-stock --out $(STATE)/serving-bench
 
 pipeline: $(STAMP)  ## compile the pipeline for a cluster: manifests/pipelines/top_tagging.yaml, and the 2-node x 4-GPU TrainJob variant

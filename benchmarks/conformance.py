@@ -2,7 +2,7 @@
 
 Both servers run the same model on the same runtime (ONNX Runtime by default): ours
 (``python -m serving --backend onnxruntime``) and ``tritonserver`` from the ``nvidia-pytriton``
-wheel on a repository written by :mod:`serving.triton_repository`. The same client script
+wheel on a repository written by :mod:`serving.triton.repository`. The same client script
 (:mod:`benchmarks.sonic_sequence`, in its own process) asks both; the records must agree on
 every field, on the counts in the statistics, on the outputs (within :data:`OUTPUT_TOLERANCE`),
 and on the status code of each bad request, except where :data:`DOCUMENTED` says why not.
@@ -10,7 +10,7 @@ and on the status code of each bad request, except where :data:`DOCUMENTED` says
     python -m benchmarks.conformance --model-uri DIR --markdown docs/benchmarks/serving/conformance.md
 
 Exits 1 when the servers differ anywhere that is not documented (``make test`` runs the same
-comparison: tests/serving/test_triton_conformance.py).
+comparison: tests/serving/triton/test_conformance.py).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 
 from benchmarks.common import machine, publish
 from serving.process import LocalPredictor, free_port, start_local
-from serving.triton_process import start_triton
-from serving.triton_repository import write_repository
+from serving.triton.process import start_triton
+from serving.triton.repository import write_repository
 from toptagger.model import read_config
 from toptagger.model_uri import fetch_model_dir
 
@@ -158,7 +158,7 @@ def markdown(comparison: Comparison, backend: str) -> str:
         "",
         f"Machine: {machine()}. Both servers on the same model, runtime `{backend}` "
         "(Triton: `tritonserver` 2.51 from `nvidia-pytriton` 0.7.0, Python backend, "
-        "`serving.triton_repository`). Command: `python -m benchmarks.conformance`.",
+        "`serving.triton.repository`). Command: `python -m benchmarks.conformance`.",
         "",
         f"**{verdict}**: {len(comparison.mismatches)} field(s) differ in SONIC's sequence; largest output "
         f"difference {comparison.max_output_difference:.1e} (bound {OUTPUT_TOLERANCE:.0e}).",

@@ -1,6 +1,6 @@
 """Our server next to the real peers, one run, same model: the table with the peers as columns.
 
-    python -m serving.bench --peers --model-uri models:/top-tagger@champion [--seconds 6]
+    python -m benchmarks.serving --peers --model-uri models:/top-tagger@champion [--seconds 6]
 
 Columns: each runtime in-process (torch, ONNX Runtime, OpenVINO) at batch 1 and 16; our server on
 torch and on the fastest runtime (the best in-process batch-16 rate, measured here, not assumed);
@@ -36,8 +36,8 @@ import numpy as np
 from benchmarks.common import machine, publish
 from benchmarks.measure import bounded_ratio, closed_loop, percentiles, running_server, sample_inputs, timed_calls
 from serving.backends import load_backend
-from serving.triton_process import start_triton
-from serving.triton_repository import write_repository
+from serving.triton.process import start_triton
+from serving.triton.repository import write_repository
 from toptagger.images import three_channels
 from toptagger.storage import atomic_output
 
@@ -156,7 +156,7 @@ def markdown(result: dict) -> str:
         f"Machine: {result['machine']}. Model: `{result['model_uri']}`. {rounds} round(s), each measuring every "
         f"column for {result['seconds']:g} s in turn; a cell is the median over the rounds, [slowest–fastest "
         f"round] beside throughputs. Our batching wait {result['max_latency_ms']:g} ms. Fastest runtime "
-        f"in-process at batch {CLIENTS}: **{fastest}**. Command: `python -m serving.bench --peers --model-uri "
+        f"in-process at batch {CLIENTS}: **{fastest}**. Command: `python -m benchmarks.serving --peers --model-uri "
         f"{result['model_uri']} --seconds {result['seconds']:g} --rounds {rounds}`.",
         "",
         "| | " + " | ".join(columns) + " |",

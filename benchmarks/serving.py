@@ -1,6 +1,6 @@
 """The paper's throughput study, against our predictor on loopback.
 
-    python -m serving.bench --model-uri DIR [--clients 1,2,4,8,16,32,64] [--batch-sizes 1,4,16]
+    python -m benchmarks.serving --model-uri DIR [--clients 1,2,4,8,16,32,64] [--batch-sizes 1,4,16]
                             [--protocols grpc,rest] [--inputs images,constituents] [--seconds 4]
                             [--out docs/benchmarks/serving] [--mlflow-run-id RUN]
 
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    parser = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-uri", required=True, help="model folder, s3:// or models:/ URI")
     parser.add_argument("--clients", type=parse_list, default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--batch-sizes", type=parse_list, default=[1, 4, 16])

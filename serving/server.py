@@ -1,7 +1,7 @@
 """KServe's ModelServer, extended where the tagger needs more than the stock server gives.
 
 - gRPC: the same port also answers Triton's ``ModelConfig`` and ``ModelStatistics`` (see
-  :mod:`serving.triton`), so CMSSW's SONIC ``TritonClient`` works unchanged; ``ModelInfer`` goes
+  :mod:`serving.triton.extensions`), so CMSSW's SONIC ``TritonClient`` works unchanged; ``ModelInfer`` goes
   from protobuf to the batcher without KServe's generic objects (:mod:`serving.grpc_infer`),
   and counts requests and latencies itself.
 - REST: a body-size cap, a request id on every answer, per-protocol metrics, and readiness
@@ -35,7 +35,7 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from starlette.exceptions import HTTPException
 
-from serving import client_errors, metrics, triton
+from serving import client_errors, metrics
 from serving.control import ModelControl, ModelController
 from serving.control import install_rest as install_control_routes
 from serving.errors import ServerOverloaded
@@ -44,6 +44,7 @@ from serving.limits import Limits, retry_after_header
 from serving.predictor import TopTagger
 from serving.redact import RedactAnswers
 from serving.rest_infer import install_infer_routes
+from serving.triton import extensions as triton
 from toptagger.constants import MODEL_VERSION
 
 log = logging.getLogger("serving.server")

@@ -2,7 +2,7 @@
 
 ``python -m pipelines.run`` (``make demo``) keeps its embedded store in ``<state>/mlflow/`` (state:
 ``$STATE``, else ``.state`` in the repository). Every command that reads ``models:/`` URIs (the
-predictor, ``serving.client``, ``serving.bench``, ``components.deploy``) uses that store when
+predictor, ``serving.client``, ``benchmarks.serving``, ``components.deploy``) uses that store when
 ``MLFLOW_TRACKING_URI`` is unset, and never creates one of its own: MLflow's default would be a
 fresh, empty ``./mlflow.db`` in whatever folder the command runs in, where no model is registered.
 """

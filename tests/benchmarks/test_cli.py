@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
         "benchmarks.opencl_accuracy",
         "benchmarks.stock_kserve",
         "benchmarks.limits",
-        "serving.bench",
+        "benchmarks.serving",
     ],
 )
 def test_help(module: str) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from serving.backends import OPENCL_PACKAGE, TorchBackend
 from serving.client import TaggerClient
-from serving.triton_protos import extensions_pb2
+from serving.triton.protos import extensions_pb2
 from tests.predictor import IMAGE_SIZE, start_server, stop_server
 from tests.tolerances import tagger_probability_bound
 from toptagger.jets.dataset import JetBatch

@@ -19,8 +19,8 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from serving import redact
 from serving.process import free_port, start_local
-from serving.triton import SERVICE
-from serving.triton_protos import extensions_pb2
+from serving.triton.extensions import SERVICE
+from serving.triton.protos import extensions_pb2
 from tests.predictor import IMAGE_SIZE
 
 TRACKING_PASSWORD = "SuperSecret123"

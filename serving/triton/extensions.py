@@ -17,7 +17,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from serving.batching import BatchStatistics
-from serving.triton_protos import extensions_pb2, model_config_pb2
+from serving.triton.protos import extensions_pb2, model_config_pb2
 from toptagger.constants import MODEL_VERSION
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The tagger as a model of Triton's Python backend: what ``serving.triton_repository`` installs.
+"""The tagger as a model of Triton's Python backend: what ``serving.triton.repository`` installs.
 
 Copied to ``<repository>/top-tagger/1/model.py``. It runs one of this project's backends
 (:data:`serving.backends.BACKENDS`: OpenVINO, ONNX Runtime, torch, OpenCL) on the model folder

@@ -24,8 +24,16 @@ import pytest
 from kserve.errors import InvalidInput
 
 from serving.predictor import BatchingOptions, TopTagger
-from serving.triton import PLATFORM, SERVICE, as_json, handler, model_config, model_statistics, repository_index
-from serving.triton_protos import extensions_pb2, model_config_pb2
+from serving.triton.extensions import (
+    PLATFORM,
+    SERVICE,
+    as_json,
+    handler,
+    model_config,
+    model_statistics,
+    repository_index,
+)
+from serving.triton.protos import extensions_pb2, model_config_pb2
 from toptagger.jets.dataset import JetBatch
 
 # 2.5 ms: a delay that is not a whole number of milliseconds, to see the conversion to microseconds

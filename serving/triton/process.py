@@ -1,6 +1,6 @@
 """Real Triton (``tritonserver`` from the ``nvidia-pytriton`` wheel) as a local process on a repository.
 
-The conformance suite's oracle and a peer of ``serving.bench``. The binary is started directly on a
+The conformance suite's oracle and a peer of ``benchmarks.serving``. The binary is started directly on a
 plain model repository, as a production Triton is (PyTriton's own API would hide the repository
 index and lock the statistics behind a token). Three traps, each handled here (reference §2):
 

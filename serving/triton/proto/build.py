@@ -4,7 +4,7 @@ protoc needs ``model_config.proto`` for the import, but tritonclient ships only 
 module. Its descriptor is exported as a FileDescriptorSet and handed to protoc with
 ``--descriptor_set_in``, so the import resolves to exactly the ModelConfig that clients use.
 
-    python -m serving.proto.build
+    python -m serving.triton.proto.build
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from serving.proto import load_model_config_pb2
+from serving.triton.proto import load_model_config_pb2
 
 HERE = Path(__file__).resolve().parent
 

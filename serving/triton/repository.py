@@ -1,16 +1,16 @@
 """A Triton model repository that serves the tagger: for sites that run Triton already.
 
-    python -m serving.triton_repository --model-uri models:/top-tagger@champion --backend openvino --out repo/
+    python -m serving.triton.repository --model-uri models:/top-tagger@champion --backend openvino --out repo/
     tritonserver --model-repository=repo/
 
 The repository holds ``top-tagger/config.pbtxt`` (the served tensors of
 :mod:`toptagger.signature`, Triton's dynamic batcher) and ``top-tagger/1/`` with the Python-backend
-model (:mod:`serving.triton_model`) and a copy of the model folder, so that it is self-contained
+model (:mod:`serving.triton.model`) and a copy of the model folder, so that it is self-contained
 and can be synced to the object store Triton reads. Triton's Python needs this project importable:
 installed in its image, or named with ``--python-path`` (a local checkout; the tests and the
 benchmark use that).
 
-This is also the peer the conformance suite and ``serving.bench`` compare our server with.
+This is also the peer the conformance suite and ``benchmarks.serving`` compare our server with.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from serving.backends import BACKENDS
-from serving.triton_model import MODEL_FOLDER
+from serving.triton.model import MODEL_FOLDER
 from toptagger.cli import positive_int
 from toptagger.constants import MODEL_NAME, MODEL_VERSION
 from toptagger.errors import ConfigError
@@ -79,7 +79,7 @@ def write_repository(
     version = staging / MODEL_VERSION
     version.mkdir(parents=True)
     shutil.copytree(source, version / MODEL_FOLDER)
-    shutil.copyfile(Path(__file__).with_name("triton_model.py"), version / MODEL_FILE)
+    shutil.copyfile(Path(__file__).with_name("model.py"), version / MODEL_FILE)
     config = model_config(Signature.of(tagger), backend, max_batch_size, max_queue_delay_us, python_path)
     (staging / "config.pbtxt").write_text(config)
     # Renamed into place whole: a Triton polling the repository never sees half a model.
@@ -90,7 +90,7 @@ def write_repository(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m serving.triton_repository",
+        prog="python -m serving.triton.repository",
         description="Write a Triton model repository that serves the tagger with Triton's Python backend.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -11,9 +11,9 @@ fails with "duplicate symbol". Two pieces do coexist:
 
 from __future__ import annotations
 
-from serving.proto import load_model_config_pb2
+from serving.triton.proto import load_model_config_pb2
 
 model_config_pb2 = load_model_config_pb2()
-from serving.proto import triton_extensions_pb2 as extensions_pb2  # noqa: E402  (needs the module above)
+from serving.triton.proto import triton_extensions_pb2 as extensions_pb2  # noqa: E402  (needs the module above)
 
 __all__ = ["extensions_pb2", "model_config_pb2"]
