@@ -83,18 +83,6 @@ def test_overlay_builds_with_expected_kinds(built: dict[str, list[dict[str, Any]
     assert kinds == ["InferenceService", "Role", "Role", "RoleBinding", "RoleBinding", "ServiceAccount"]
 
 
-@pytest.fixture(scope="module")
-def crd_schemas() -> dict[str, dict[str, Any]]:
-    if not SCHEMAS.is_dir():
-        pytest.skip(f"KServe CRD schemas not found at {SCHEMAS} (expected ../shared/schemas beside the checkout)")
-    schemas = {}
-    for kind, plural in KSERVE_KINDS.items():
-        crd = yaml.safe_load((SCHEMAS / f"kserve-crd-{plural}.yaml").read_text())
-        for version in crd["spec"]["versions"]:
-            schemas[f"{crd['spec']['group']}/{version['name']}/{kind}"] = version["schema"]["openAPIV3Schema"]
-    return schemas
-
-
 def crd_errors(doc: dict[str, Any], schemas: dict[str, dict[str, Any]]) -> list[str]:
     key = f"{doc['apiVersion']}/{doc['kind']}"
     assert key in schemas, f"no CRD schema for {key}"
