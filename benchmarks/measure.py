@@ -37,6 +37,8 @@ def running_server(module: str, model_uri: str, extra: Sequence[str] = (), timeo
     """Start ``python -m <module>`` on free ports; yield its URLs; stop it afterwards."""
     http, grpc = free_port(), free_port()
     if module == "serving":
+        # Triton's metrics on a free port too: the default (8002) is taken by a second server
+        extra = ["--metrics-port", str(free_port()), *extra]
         with start_local(model_uri, http_port=http, grpc_port=grpc, extra_args=extra, timeout_s=timeout) as server:
             yield {"grpc": server.grpc_url, "rest": server.url}
         return
@@ -112,8 +114,9 @@ async def closed_loop(
             latencies.append(time.perf_counter() - start)
 
     try:
-        # warm-up: one request per client, not timed
-        await asyncio.gather(*(s.infer(**{kind: payload}) for s in sessions))
+        # warm-up: one request per client, not timed; a refusal here (a slow or busy machine under
+        # --max-queue-ms) is not a result, and the timed loop counts its own failures
+        await asyncio.gather(*(s.infer(**{kind: payload}) for s in sessions), return_exceptions=True)
         busy_start = busy_probe() if busy_probe else 0.0
         start = time.perf_counter()
         stop_at = start + seconds

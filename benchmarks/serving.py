@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine
+from benchmarks.fleet import add_arguments as fleet_arguments
 from benchmarks.measure import bounded_ratio, closed_loop, percentiles, running_server, sample_inputs, timed_calls
 from serving.backends import BACKENDS, Backend, load_backend
 from toptagger.cli import positive_int, run_cli
@@ -346,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-uri", required=True, help="model folder, s3:// or models:/ URI")
-    parser.add_argument("--clients", type=parse_list, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument(
+        "--clients", type=parse_list, default=None, help="simultaneous clients (default 1,2,4,...,64; --fleet: 1,16,64)"
+    )
     parser.add_argument("--batch-sizes", type=parse_list, default=[1, 4, 16])
     parser.add_argument("--protocols", default="grpc,rest", type=lambda s: s.split(","))
     parser.add_argument("--inputs", default="images,constituents", type=lambda s: s.split(","))
@@ -368,7 +371,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stock KServe and real Triton on that runtime, one table (benchmarks/peers.py; writes peers.md in --out)",
     )
     parser.add_argument(
-        "--rounds", type=positive_int, default=3, help="--peers: rounds of every column in turn (cells are medians)"
+        "--fleet",
+        action="store_true",
+        help="instead of the sweep: one replica direct and through a real Envoy, two replicas, a replica killed "
+        "under load, admission at RepositoryIndex, added round trips (benchmarks/fleet.py; writes fleet.md in --out)",
+    )
+    fleet_arguments(parser)
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="--peers/--fleet: rounds of every column in turn (medians)"
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/serving"))
     parser.add_argument("--mlflow-run-id", help="log the JSON, table and plots to this MLflow run")
@@ -381,7 +391,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown input {name!r}; use images and/or constituents")
     if args.seconds <= 0:
         parser.error("--seconds must be > 0")
-    if args.peers:
+    if args.clients is None:
+        args.clients = [1, 16, 64] if args.fleet else [1, 2, 4, 8, 16, 32, 64]
+    if args.fleet:
+        from benchmarks.fleet import run_fleet
+
+        run_fleet(args)
+    elif args.peers:
         from benchmarks.peers import run as run_peers
 
         run_peers(args.model_uri, args.seconds, args.max_batch_size, args.max_latency_ms, args.out, args.rounds)

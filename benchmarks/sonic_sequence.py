@@ -4,7 +4,10 @@ Run as a separate process, never beside kserve (tritonclient's protos and KServe
 same message names). benchmarks/conformance.py runs it against our server
 and against a real ``tritonserver`` and compares the two records.
 
-    python benchmarks/sonic_sequence.py HTTP_URL GRPC_TARGET CHANNELS IMAGE_SIZE MAX_BATCH_SIZE
+    python benchmarks/sonic_sequence.py HTTP_URL GRPC_TARGET CHANNELS IMAGE_SIZE MAX_BATCH_SIZE [METRICS_URL]
+
+With ``METRICS_URL`` (``http://host:port/metrics``) it scrapes the server's Prometheus metrics at
+the start, after SONIC's sequence and after the bad requests.
 
 The order is CMSSW's (HeterogeneousCore/SonicTriton): ``TritonService`` asks for ServerMetadata and
 RepositoryIndex at job start; each ``TritonClient`` reads ModelConfig and ModelMetadata, then calls
@@ -15,6 +18,7 @@ must agree on; differences are the suite's to judge.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import urllib.error
@@ -226,9 +230,42 @@ def http_record(url: str, channels: int, size: int, images: np.ndarray, max_batc
     return record
 
 
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(metrics_url: str) -> dict[str, Any]:
+    """Every family of a Prometheus text page: {name: {"type", "help", "label_names", "samples"}}, the
+    samples keyed by their labels ("model=top-tagger,reason=OTHER,version=1")."""
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:
+        text = response.read().decode()
+    families: dict[str, Any] = {}
+    kinds: dict[str, str] = {}
+    helps: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            kinds[name] = kind
+        elif line.startswith("# HELP "):
+            _, _, name, *words = line.split(" ")
+            helps[name] = " ".join(words)
+        elif line and not line.startswith("#"):
+            match = SAMPLE.match(line)
+            assert match, f"not a Prometheus sample line: {line!r}"
+            name, labels, value = match.groups()
+            pairs = dict(LABEL.findall(labels or ""))
+            family = families.setdefault(
+                name, {"type": kinds.get(name), "help": helps.get(name), "label_names": sorted(pairs), "samples": {}}
+            )
+            key = ",".join(f"{k}={pairs[k]}" for k in sorted(pairs))
+            family["samples"][key] = float(value)
+    return families
+
+
 def main() -> None:
     url, target = sys.argv[1], sys.argv[2]
     channels, size, max_batch = (int(a) for a in sys.argv[3:6])
+    metrics_url = sys.argv[6] if len(sys.argv) > 6 else None
     rng = np.random.default_rng(7)
     images = rng.random((3, channels, size, size), dtype=np.float32)
     # Jets with a plausible spread of constituents: E >= |p| so that the masses are real.
@@ -237,11 +274,23 @@ def main() -> None:
     energy = np.linalg.norm(momenta, axis=2, keepdims=True) * np.float32(1.01)
     jets = np.ascontiguousarray(np.concatenate([energy, momenta], axis=2).astype(np.float32))
     client = Grpc(target)
-    record = {
-        "grpc": sonic(client, channels, size, images, jets),
-        "grpc_bad": bad_grpc(client, channels, size, images, max_batch),
-        "http": http_record(url, channels, size, images, max_batch),
-    }
+    scraped = {"start": scrape(metrics_url)} if metrics_url else {}
+    record: dict[str, Any] = {"grpc": sonic(client, channels, size, images, jets)}
+    if metrics_url:
+        scraped["after_sonic"] = scrape(metrics_url)
+    record["grpc_bad"] = bad_grpc(client, channels, size, images, max_batch)
+    record["http"] = http_record(url, channels, size, images, max_batch)
+    if metrics_url:
+        # Triton counts a request once its response has left: wait until the success count settles.
+        deadline, last = time.monotonic() + 10.0, None
+        while time.monotonic() < deadline:
+            scraped["after_battery"] = scrape(metrics_url)
+            now = scraped["after_battery"].get("nv_inference_request_success", {}).get("samples")
+            if now == last:
+                break
+            last = now
+            time.sleep(0.2)
+        record["metrics"] = scraped
     print(json.dumps(record))
 
 

@@ -2,8 +2,8 @@
 
 Each module holds three things, in this order:
 
-- the component function (``data``, ``preprocess``, ``train``, ``evaluate``, ``register``,
-  ``deploy``): its KFP signature (typed ``Input``/``Output`` artifacts and parameters) is the
+- the component function (``data``, ``preprocess``, ``train``, ``quantize``, ``evaluate``,
+  ``register``, ``deploy``): its KFP signature (typed ``Input``/``Output`` artifacts and parameters) is the
   step's interface; KFP copies its source into the task, so its body imports what it calls and
   runs it inside ``with step("<name>"):`` (:mod:`components.step`), which maps user errors;
 - the plain function the body calls (``train_step``, ...), testable with any object that has

@@ -21,9 +21,11 @@ ONNX_CHECK_FILE = "onnx_check.json"  # the ONNX export against torch on the test
 
 def evaluate(
     model: Input[Model],
+    quantized: Input[Model],
     test_jets: Input[Dataset],
     n_bootstrap: int,
     seed: int,
+    max_auc_loss: float,
     metrics: Output[Metrics],
     roc: Output[ClassificationMetrics],
     evaluation: Output[Artifact],
@@ -35,13 +37,26 @@ def evaluate(
     with step("evaluate"):
         from components.evaluate import evaluate_step
 
-        evaluate_step(model, test_jets, metrics, roc, evaluation, report, n_bootstrap, seed)
+        evaluate_step(model, test_jets, metrics, roc, evaluation, report, n_bootstrap, seed, quantized, max_auc_loss)
 
 
 def evaluate_step(
-    model: Any, test_jets: Any, metrics: Any, roc: Any, evaluation: Any, report: Any, n_bootstrap: int, seed: int
+    model: Any,
+    test_jets: Any,
+    metrics: Any,
+    roc: Any,
+    evaluation: Any,
+    report: Any,
+    n_bootstrap: int,
+    seed: int,
+    quantized: Any = None,
+    max_auc_loss: float = 0.001,
 ) -> dict[str, Any]:
-    """Evaluate the ``model`` folder on ``test_jets``; fill the four outputs."""
+    """Evaluate the ``model`` folder on ``test_jets``; fill the four outputs.
+
+    With the exported graph, every precision the runtimes can serve (``quantized``: the quantize
+    step's int8 graphs) is scored too and gated by ``max_auc_loss``: ``precision.json``.
+    """
     from components.step import log
     from toptagger.evaluation.evaluate import evaluate_scores, flatten, mass_window_score, network_scores
     from toptagger.evaluation.report import format_metric, write_report
@@ -69,13 +84,70 @@ def evaluate_step(
         for key, value in check.items():
             metrics.log_metric(key, value)
         evaluation.metadata.update(check)
-    write_report(Path(report.path), result, out)
+    admission = None
+    if graph.is_file():
+        admission = score_and_gate(model, quantized, jets, probability, result, n_bootstrap, seed, max_auc_loss, out)
+        for name, value in precision_metrics(admission).items():
+            metrics.log_metric(name, value)
+        evaluation.metadata["precision_admitted"] = ",".join(admission["admitted"])
+    write_report(Path(report.path), result, out, admission)
     net, base = result["network"], result["mass_window"]
     log.info(
         "test AUC %s (mass window %s), 1/eps_B at eps_S=0.3: %s (mass window %s)",
         *(format_metric(block[key]["value"]) for key in ("auc", "rejection_0.3") for block in (net, base)),
     )
     return result
+
+
+def score_and_gate(
+    model: Any,
+    quantized: Any,
+    jets: Any,
+    probability: Any,
+    result: dict[str, Any],
+    n_bootstrap: int,
+    seed: int,
+    max_auc_loss: float,
+    out: Path,
+) -> dict[str, Any]:
+    """Score every precision on the test jets, decide which are admitted, write ``precision.json``."""
+    from components.step import log
+    from toptagger.precision import cpu, gate
+    from toptagger.precision.files import ADMISSION_FILE, write_admission
+    from toptagger.precision.scoring import WORKING_POINT, score_precisions
+    from toptagger.training.files import MODEL_DIR
+
+    loss = gate.check_max_auc_loss(max_auc_loss)
+    measured = score_precisions(
+        Path(model.path) / MODEL_DIR,
+        jets.constituents,
+        jets.labels,
+        probability,
+        n_bootstrap,
+        seed,
+        Path(quantized.path) if quantized is not None else None,
+    )
+    net = result["network"]
+    reference = {
+        "auc": net["auc"]["value"],
+        "auc_error": net["auc"]["error"],
+        WORKING_POINT: net[WORKING_POINT]["value"],
+        f"{WORKING_POINT}_error": net[WORKING_POINT]["error"],
+    }
+    admission = gate.admission_record(reference, measured, loss, cpu.describe())
+    write_admission(out / ADMISSION_FILE, admission)
+    log.info("precisions admitted (max_auc_loss %g): %s", loss, ", ".join(admission["admitted"]) or "none")
+    return admission
+
+
+def precision_metrics(admission: dict[str, Any]) -> dict[str, float]:
+    """``precision/<runtime>/<precision>/<metric>`` for every measured number, ``admitted`` as 0/1."""
+    flat: dict[str, float] = {}
+    for key, numbers in admission["precisions"].items():
+        for name, value in numbers.items():
+            if isinstance(value, int | float):  # bool too: admitted as 0/1
+                flat[f"precision/{key}/{name}"] = float(value)
+    return flat
 
 
 def log_roc(roc: Any, labels: Any, scores: Any) -> None:

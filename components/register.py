@@ -21,6 +21,7 @@ from kfp.dsl import Artifact, Dataset, Input, Model
 
 def register(
     model: Input[Model],
+    quantized: Input[Model],
     evaluation: Input[Artifact],
     fit_jets: Input[Dataset],
     test_jets: Input[Dataset],
@@ -38,7 +39,9 @@ def register(
     with step("register"):
         from components.register import register_step
 
-        r = register_step(model, evaluation, fit_jets, test_jets, experiment, model_name, run_key or pipeline_run_id)
+        r = register_step(
+            model, evaluation, fit_jets, test_jets, experiment, model_name, run_key or pipeline_run_id, quantized
+        )
     return (r["run_id"], r["version"], ",".join(r["aliases"]), r["decision"], r["reason"], r["model_uri"])
 
 
@@ -57,16 +60,54 @@ def _params(history: dict[str, Any], fit_jets: Any, test_jets: Any) -> dict[str,
 
 
 def register_step(
-    model: Any, evaluation: Any, fit_jets: Any, test_jets: Any, experiment: str, model_name: str, pipeline_run_id: str
+    model: Any,
+    evaluation: Any,
+    fit_jets: Any,
+    test_jets: Any,
+    experiment: str,
+    model_name: str,
+    pipeline_run_id: str,
+    quantized: Any = None,
 ) -> dict[str, Any]:
-    """Log everything to the run of ``pipeline_run_id``, register a version of ``model_name``, run the gate."""
-    from components.evaluate import ONNX_CHECK_FILE
+    """Log everything to the run of ``pipeline_run_id``, register a version of ``model_name``, run the gate.
+
+    The version's folder is the train step's model folder with the quantize step's int8 graphs
+    (``quantized``) and the evaluate step's admission of each precision (``precision.json``).
+    """
+    import tempfile
+
+    from toptagger.precision.bundle import version_folder
+    from toptagger.training.files import MODEL_DIR
+
+    with tempfile.TemporaryDirectory(prefix="toptagger-version-") as tmp:
+        folder = version_folder(
+            Path(model.path) / MODEL_DIR,
+            Path(quantized.path) if quantized is not None else None,
+            Path(evaluation.path),
+            Path(tmp) / MODEL_DIR,  # MLflow keeps the folder's name: artifacts/model
+        )
+        return _register(model, folder, evaluation, fit_jets, test_jets, experiment, model_name, pipeline_run_id)
+
+
+def _register(
+    model: Any,
+    version_dir: Path,
+    evaluation: Any,
+    fit_jets: Any,
+    test_jets: Any,
+    experiment: str,
+    model_name: str,
+    pipeline_run_id: str,
+) -> dict[str, Any]:
+    from components.evaluate import ONNX_CHECK_FILE, precision_metrics
     from components.step import code_version, log
     from toptagger import mlflow_model, model_card, model_uri, registry
     from toptagger.errors import DataError
     from toptagger.evaluation.evaluate import METRICS_FILE, flatten
     from toptagger.jets.compact import load_jets
     from toptagger.model import read_config
+    from toptagger.precision.bundle import version_tags
+    from toptagger.precision.files import read_admission
     from toptagger.signature import Signature
     from toptagger.training.files import HISTORY_FILE, MODEL_DIR, STATE_DICT_FILE
 
@@ -78,6 +119,9 @@ def register_step(
     onnx_check = Path(evaluation.path) / ONNX_CHECK_FILE
     if onnx_check.is_file():
         metrics |= json.loads(onnx_check.read_text())
+    admission = read_admission(Path(evaluation.path))
+    if admission is not None:  # precision/<runtime>/<precision>/<metric>, as the evaluate step logged them
+        metrics |= precision_metrics(admission)
     if "test_auc" not in metrics:
         raise DataError(f"{evaluation.path}/{METRICS_FILE} holds no network AUC")
     dataset_hash = str(fit_jets.metadata.get("dataset_sha256", ""))
@@ -98,18 +142,19 @@ def register_step(
         metrics=metrics,
         tags=tags,
         artifacts={
-            "model": model_root / MODEL_DIR,  # safetensors + tagger.json + opencl/: what the predictor loads
+            "model": version_dir,  # safetensors + tagger.json + opencl/ + quantized/: what the predictor loads
             "state_dict": model_root / STATE_DICT_FILE,
             "training": model_root / HISTORY_FILE,
             "evaluation": Path(evaluation.path),
         },
     )
     # The version is the MLflow Model (its input example: a test jet), not the run's folder.
-    model_id = mlflow_model.log_tagger(run_id, model_root / MODEL_DIR, load_jets(test_jets.path).constituents)
+    model_id = mlflow_model.log_tagger(run_id, version_dir, load_jets(test_jets.path).constituents)
     version_tags = {
         registry.PIPELINE_RUN_TAG: pipeline_run_id,
         "dataset_hash": dataset_hash,
         "code_version": tags["code_version"],
+        **version_tags(Path(evaluation.path)),  # which precisions the gate admitted, and their numbers
     }
     version = registry.register_version(
         model_name, run_id, mlflow_model.uri(model_id), metrics["test_auc"], version_tags

@@ -47,6 +47,22 @@ def _beside(ev: dict[str, Any], metric: str, digits: int = 4) -> str:
     return f"network {network}   mass window {window}"
 
 
+def _precisions(ev: dict[str, Any]) -> str:
+    """The evaluate step's gate from its metrics (``precision/<runtime>/<precision>/admitted``, ``.../auc_loss``)."""
+    keys = [k.removeprefix("precision/").removesuffix("/admitted") for k in ev if k.endswith("/admitted")]
+    if not keys:
+        return "not gated (no exported graph)"
+    admitted = [k for k in keys if ev[f"precision/{k}/admitted"]]
+    refused = [
+        f"{k} (ΔAUC {-ev[f'precision/{k}/auc_loss']:+.4f})"
+        if f"precision/{k}/auc_loss" in ev
+        else f"{k} (not measured)"
+        for k in keys
+        if k not in admitted
+    ]
+    return f"admitted: {', '.join(admitted) or 'none'}; refused: {', '.join(refused) or 'none'}"
+
+
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     ev, tr, data = summary["evaluation"], summary["training"], summary["data"]
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in summary["steps"].items())
@@ -63,6 +79,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("test AUC", _beside(ev, "auc")),
         ("1/εB at εS = 0.3", _beside(ev, "rejection_0.3", digits=3)),
+        ("precisions", _precisions(ev)),
         ("registered", f"{summary['model_name']} version {summary['version']}, aliases: {summary['aliases'] or '-'}"),
         ("promotion", f"{summary['decision']}: {summary['reason']}"),
         ("MLflow run", f"{summary['run_id']} in experiment {summary['experiment']} ({summary['tracking_uri']})"),

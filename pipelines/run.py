@@ -34,6 +34,7 @@ from toptagger.cli import positive_int, run_cli
 from toptagger.constants import GRPC_PORT, HTTP_PORT, OVERLAYS
 from toptagger.errors import ConfigError, TaggerError
 from toptagger.mlflow_store import state_dir
+from toptagger.precision.gate import check_max_auc_loss
 from toptagger.training.config import PIPELINE_PARAMETERS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +74,9 @@ FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("training", "max_steps_per_epoch", "--max-steps-per-epoch", {}),
     ("training", "base_model_uri", "--base-model", {}),
     ("training", "n_bootstrap", "--bootstrap", {}),
+    ("precision", "max_auc_loss", "--max-auc-loss", {}),
+    ("precision", "calibration_jets", "--calibration-jets", {"type": positive_int}),
+    ("precision", "quantize_validation_jets", "--quantize-validation-jets", {"type": positive_int}),
     ("registry and serving", "mlflow_experiment", "--experiment", {}),
     ("registry and serving", "model_name", "--model-name", {}),
     ("registry and serving", "deploy_target", "--deploy", {"choices": TARGETS, "default": "local"}),
@@ -131,6 +135,7 @@ def pipeline_arguments(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     """The pipeline's parameters from the command line, checked before any task starts."""
     arguments = {name: getattr(args, name) for _, name, _, _ in FLAGS}
     TrainConfig.from_pipeline(**{name: arguments[name] for name in PIPELINE_PARAMETERS})  # names a bad value
+    check_max_auc_loss(args.max_auc_loss)
     if not 0 < args.test_fraction < 1:
         raise ConfigError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     if args.n_bootstrap < 0:

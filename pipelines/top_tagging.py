@@ -25,7 +25,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Metrics
 from kfp.dsl.python_component import PythonComponent
 
-from components import data, deploy, evaluate, preprocess, register, train
+from components import data, deploy, evaluate, preprocess, quantize, register, train
 from components import trainjob as launcher  # the name trainjob is build_pipeline's TrainJobShape
 from toptagger.constants import EXPERIMENT, GRPC_PORT, HTTP_PORT, IMAGE_SIZE, MODEL_NAME
 from toptagger.deploy.cluster import (  # the Secrets (created once per namespace) and the training pods' size
@@ -49,6 +49,7 @@ STEPS = (
     preprocess.preprocess,
     train.train,
     launcher.trainjob,
+    quantize.quantize,
     evaluate.evaluate,
     register.register,
     deploy.deploy,
@@ -107,6 +108,7 @@ class Components(NamedTuple):
     preprocess: PythonComponent
     train: PythonComponent
     trainjob: PythonComponent
+    quantize: PythonComponent
     evaluate: PythonComponent
     register: PythonComponent
     deploy: PythonComponent
@@ -182,6 +184,9 @@ def build_pipeline(
         max_steps_per_epoch: int = 0,
         patience: int = 3,
         n_bootstrap: int = 200,
+        max_auc_loss: float = 0.001,
+        calibration_jets: int = 300,
+        quantize_validation_jets: int = 500,
         checkpoint_root: str = "",
         run_key: str = "",
         mlflow_experiment: str = EXPERIMENT,
@@ -214,6 +219,11 @@ def build_pipeline(
             max_steps_per_epoch: Cap on batches per epoch for quick runs; 0 means whole epochs.
             patience: Early stopping after this many epochs without a better validation AUC.
             n_bootstrap: Bootstrap replicas for the test metrics' uncertainties.
+            max_auc_loss: The precision gate: a reduced precision (int8, bf16) is admitted for serving only
+                if its test AUC is at most this much below torch fp32's; also NNCF's max_drop for the int8 IR.
+            calibration_jets: Training jets that calibrate the int8 graphs.
+            quantize_validation_jets: Validation jets on which NNCF's accuracy control measures the int8 AUC
+                (its time on 2 cores grows with this).
             checkpoint_root: Folder or s3:// prefix that keeps training checkpoints across task retries.
                 Empty: the pod's temp folder (use s3:// on a cluster).
             run_key: Names the checkpoint and the MLflow run. Empty: this pipeline run's id. Give an
@@ -257,15 +267,29 @@ def build_pipeline(
         # cached: training, evaluation, registration and deployment are what a new run is for.
         train_task.set_retry(num_retries=2, backoff_duration="30s")
         train_task.set_caching_options(enable_caching=False)
+        quantize_task = c.quantize(
+            model=train_task.outputs["model"],
+            fit_jets=preprocess_task.outputs["fit_jets"],
+            seed=seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            max_auc_loss=max_auc_loss,
+            calibration_jets=calibration_jets,
+            validation_jets=quantize_validation_jets,
+        )
+        quantize_task.set_caching_options(enable_caching=False)
         evaluate_task = c.evaluate(
             model=train_task.outputs["model"],
+            quantized=quantize_task.outputs["quantized"],
             test_jets=preprocess_task.outputs["test_jets"],
             n_bootstrap=n_bootstrap,
             seed=seed,
+            max_auc_loss=max_auc_loss,
         )
         evaluate_task.set_caching_options(enable_caching=False)
         register_task = c.register(
             model=train_task.outputs["model"],
+            quantized=quantize_task.outputs["quantized"],
             evaluation=evaluate_task.outputs["evaluation"],
             fit_jets=preprocess_task.outputs["fit_jets"],
             test_jets=preprocess_task.outputs["test_jets"],

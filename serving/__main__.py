@@ -4,6 +4,7 @@
                       [--max-batch-size 16] [--max-latency-ms 5] [--max-queue 256] [--max-queue-ms 1000]
                       [--max-request-mb 64] [--max-message-mb 64]
                       [--model-control none|explicit] [--control-token-file PATH]
+                      [--metrics-port 8002] [--drain-seconds 30]
 
 Every option also reads an environment variable (upper case, e.g. ``MODEL_URI``, ``MAX_BATCH_SIZE``)
 so that a Kubernetes manifest can set it; a flag on the command line wins.
@@ -26,6 +27,12 @@ environment variable ``CONTROL_TOKEN`` (a Secret's secretKeyRef); there is no fl
 itself. Explicit without a token is refused at start-up. After an explicit unload the server
 reports not live until a load brings the model back.
 
+Fleet (serving.triton.metrics, serving.drain): ``--metrics-port`` (8002, Triton's) serves Triton's
+``nv_inference_*`` metrics at ``GET /metrics`` in Prometheus text format, at zero from start-up; 0
+turns it off, and a port that is taken stops the start-up. On SIGTERM the server drains: not ready
+at once (REST 503, gRPC ServerReady/ModelReady false), new inference refused (503 + Retry-After /
+UNAVAILABLE), every accepted request answered, then exit 0, after ``--drain-seconds`` (30) at most.
+
 No message that reaches a client or the log carries a credential (serving.redact): URIs lose their
 userinfo and query, and credential-like environment values are masked.
 """
@@ -40,7 +47,7 @@ import sys
 from collections.abc import Sequence
 
 from serving import redact
-from serving.backends import BACKENDS, TORCH_DTYPES
+from serving.backends import BACKENDS, PRECISIONS
 from toptagger.cli import positive_int
 from toptagger.constants import CHAMPION_URI, GRPC_PORT, HTTP_PORT
 from toptagger.errors import ConfigError
@@ -65,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _from_env(parser, "--model-uri", "/mnt/models", f"model folder, s3://bucket/prefix, or {CHAMPION_URI}")
-    _from_env(parser, "--backend", "torch", "execution backend", choices=list(BACKENDS))
+    _from_env(
+        parser,
+        "--backend",
+        "torch",
+        "execution backend; auto: the fastest of openvino and onnxruntime on this CPU, measured at load",
+        choices=list(BACKENDS),
+    )
     _from_env(
         parser, "--fallback", None, "backend to use when the chosen one has no usable device", choices=list(BACKENDS)
     )
@@ -73,11 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         "--precision",
         "fp32",
-        "arithmetic of the backend: fp16/bf16 for torch (the GPU pool), fp16 for an OpenCL package exported so",
-        choices=list(TORCH_DTYPES),
+        "arithmetic of the backend: fp16/bf16 for torch (the GPU pool), fp16 for an OpenCL package exported so; "
+        "fp32/bf16/int8 for openvino, fp32/int8 for onnxruntime where the version admitted them; auto: the "
+        "fastest admitted one on this CPU, measured at load",
+        choices=list(PRECISIONS),
     )
     _from_env(parser, "--http-port", HTTP_PORT, "REST port", type=int)
     _from_env(parser, "--grpc-port", GRPC_PORT, "gRPC port (h2c)", type=int)
+    _from_env(
+        parser,
+        "--metrics-port",
+        8002,
+        "port of Triton's nv_inference_* metrics (GET /metrics, Prometheus text); 0: off",
+        type=int,
+    )
+    _from_env(
+        parser,
+        "--drain-seconds",
+        30,
+        "on SIGTERM: longest wait for accepted requests before exiting (not ready and refusing new ones meanwhile)",
+        type=float,
+    )
     _from_env(parser, "--max-batch-size", 16, "most rows merged into one batch", type=positive_int)
     _from_env(parser, "--max-latency-ms", 5, "longest wait for a batch to fill once the device is free", type=float)
     _from_env(
@@ -161,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(args.max_queue_ms, args.max_request_mb, args.max_message_mb) <= 0:
         print("error: --max-queue-ms, --max-request-mb and --max-message-mb must be > 0", file=sys.stderr)
         return 2
+    if not 0 <= args.metrics_port <= 65535 or not 0 <= args.drain_seconds < float("inf"):
+        print("error: --metrics-port must be 0..65535 (0: off) and --drain-seconds a number >= 0", file=sys.stderr)
+        return 2
     configure_logging(args.log_level)
     # Before anything can log: no record, answer or traceback carries a credential (serving.redact).
     redact.add_uri_secrets(args.model_uri)
@@ -181,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serving.limits import Limits, return_big_buffers_to_the_system
 
     return_big_buffers_to_the_system()  # memory stays flat under big (refused) requests
+    from serving.drain import Drain
     from serving.predictor import BatchingOptions, TopTagger
     from serving.server import TaggerModelServer
 
@@ -190,7 +223,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         fallback=args.fallback,
         precision=args.precision,
         batching=BatchingOptions(args.max_batch_size, args.max_latency_ms, args.max_queue, args.max_queue_ms),
+        drain=Drain(args.drain_seconds),
     )
+    metrics_server = None
+    if args.metrics_port:  # before the model loads: the counters exist at zero from start-up, as Triton's
+        from serving.triton.metrics import MetricsServer
+
+        try:
+            metrics_server = MetricsServer(model, args.metrics_port)
+        except OSError as exc:
+            print(f"error: cannot serve metrics on port {args.metrics_port} ({exc.strerror}); "
+                  "choose another with --metrics-port, or 0 to turn them off", file=sys.stderr)  # fmt: skip
+            return 2
     model.load()
     server = TaggerModelServer(
         model,
@@ -198,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         control=control,
+        metrics_server=metrics_server,
     )
     redact.attach_filters()  # on the handlers KServe's logging configuration just made
     server.start()

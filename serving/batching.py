@@ -22,6 +22,11 @@ When the queue is full, :class:`QueueFull` is raised at once, so that latency st
 the client can back off or go elsewhere. A closed batcher (:meth:`DynamicBatcher.shutdown`, when
 the model stops) answers every waiting and later request with :class:`BatcherClosed` at once,
 rather than leaving its callers waiting for a worker that is gone.
+
+Every count and duration of a request's life is taken here, once, in Triton's units
+(:class:`BatchStatistics`: per request, per execution, failures by Triton's reason), and so is
+the pending count (queued or in a batch still being collected): ``ModelStatistics`` and the
+``nv_inference_*`` metrics only read them.
 """
 
 from __future__ import annotations
@@ -52,32 +57,76 @@ class _Pending:
     enqueued_ns: int
 
 
+# Why a request failed, as Triton's ``nv_inference_request_failure`` labels it (``reason``).
+REJECTED, CANCELED, BACKEND, OTHER = "REJECTED", "CANCELED", "BACKEND", "OTHER"
+FAILURE_REASONS = (REJECTED, CANCELED, BACKEND, OTHER)
+
+
+@dataclass
+class SizeStatistics:
+    """One batch size's executions: count and the batches' durations (ns), Triton's ``batch_stats``."""
+
+    count: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
+
+
 @dataclass
 class BatchStatistics:
-    """Cumulative counters in the units of Triton's ModelStatistics (counts and nanoseconds)."""
+    """Cumulative counters in the units of Triton's ModelStatistics (counts and nanoseconds).
+
+    The one owner of these counts: ModelStatistics (gRPC and HTTP) and the ``nv_inference_*``
+    metrics (:mod:`serving.triton.metrics`) both read them. As Triton counts them, durations are
+    summed per request: a batch's compute time counts once for each request in it, so that
+    ``compute_infer_ns / success_count`` is what a request saw; ``batch_sizes`` has them per execution.
+    """
 
     inference_count: int = 0  # rows inferred
     execution_count: int = 0  # batches run
     success_count: int = 0  # requests answered
-    fail_count: int = 0
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0))
+    request_ns: int = 0  # queued until answered
     queue_ns: int = 0
-    compute_ns: int = 0
+    compute_input_ns: int = 0  # merging the rows, rendering constituents into images
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0  # handing each caller its rows
     last_inference_ms: int = 0
-    batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # size -> [count, compute ns]
+    batch_sizes: dict[int, SizeStatistics] = field(default_factory=dict)
+
+    @property
+    def fail_count(self) -> int:
+        return sum(self.failures.values())
 
     @classmethod
     def combined(cls, parts: Iterable[BatchStatistics]) -> BatchStatistics:
         """The sum of several batchers' counters (one model served through several queues)."""
         total = cls()
+        # list(...items()): copied in one step, as a metrics scrape reads these from another thread.
         for part in parts:
-            for name in ("inference_count", "execution_count", "success_count", "fail_count", "queue_ns", "compute_ns"):
+            for name in _SUMMED:
                 setattr(total, name, getattr(total, name) + getattr(part, name))
+            for reason, count in list(part.failures.items()):
+                total.failures[reason] = total.failures.get(reason, 0) + count
             total.last_inference_ms = max(total.last_inference_ms, part.last_inference_ms)
-            for size, (count, ns) in part.batch_sizes.items():
-                entry = total.batch_sizes.setdefault(size, [0, 0])
-                entry[0] += count
-                entry[1] += ns
+            for size, entry in list(part.batch_sizes.items()):
+                into = total.batch_sizes.setdefault(size, SizeStatistics())
+                for name in _SIZE_SUMMED:
+                    setattr(into, name, getattr(into, name) + getattr(entry, name))
         return total
+
+
+_SUMMED = (
+    "inference_count",
+    "execution_count",
+    "success_count",
+    "request_ns",
+    "queue_ns",
+    "compute_input_ns",
+    "compute_infer_ns",
+    "compute_output_ns",
+)
+_SIZE_SUMMED = ("count", "compute_input_ns", "compute_infer_ns", "compute_output_ns")
 
 
 class DynamicBatcher:
@@ -91,10 +140,13 @@ class DynamicBatcher:
         max_queue: int = 256,
         on_batch: Callable[[int, float, float], None] | None = None,
         executor: ThreadPoolExecutor | None = None,
+        prepare: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_latency_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_latency_ms >= 0")
         self.run_batch = run_batch
+        # Rows -> the model's input (constituents rendered into images), timed as Triton's compute_input.
+        self.prepare = prepare
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000
         self.max_queue = max_queue
@@ -102,6 +154,7 @@ class DynamicBatcher:
         self.stats = BatchStatistics()
         self._expected_requests = 1  # requests in flight at the end of the last batch: worth waiting for
         self._queue: deque[_Pending] = deque()
+        self._forming = 0  # requests taken from the queue into the batch being collected, not yet run
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._closed: str | None = None  # why the batcher was shut down; None while it serves
@@ -116,6 +169,11 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def pending_count(self) -> int:
+        """Requests accepted and not yet executing: Triton's ``nv_inference_pending_request_count``."""
+        return len(self._queue) + self._forming
+
     async def submit(self, rows: np.ndarray) -> np.ndarray:
         """Queue ``rows`` ([n, ...], n <= max_batch_size) and return their outputs."""
         if self._closed is not None:
@@ -123,7 +181,7 @@ class DynamicBatcher:
         if len(rows) > self.max_batch_size:
             raise ValueError(f"{len(rows)} rows exceed the maximum batch size {self.max_batch_size}")
         if len(self._queue) >= self.max_queue:
-            self.stats.fail_count += 1
+            self.stats.failures[REJECTED] += 1
             raise QueueFull(f"the inference queue is full ({self.max_queue} requests waiting); retry later")
         loop = asyncio.get_running_loop()
         self._ensure_worker(loop)
@@ -149,8 +207,10 @@ class DynamicBatcher:
                 await self._collect(batch)
                 await self._execute(batch)
             except asyncio.CancelledError:  # shut down while collecting or running: answer its callers
-                _fail(batch, BatcherClosed(self._closed or "the batcher was stopped"))
+                self.stats.failures[OTHER] += _fail(batch, BatcherClosed(self._closed or "the batcher was stopped"))
                 raise
+            finally:
+                self._forming = 0
 
     async def _collect(self, batch: list[_Pending]) -> None:
         """Take requests into ``batch`` until it is full, the expected requests are in, or max_latency passed."""
@@ -163,8 +223,10 @@ class DynamicBatcher:
             while self._queue and rows + len(self._queue[0].rows) <= self.max_batch_size:
                 item = self._queue.popleft()
                 if item.future.cancelled():  # the caller gave up (deadline): skip its work
+                    self.stats.failures[CANCELED] += 1
                     continue
                 batch.append(item)
+                self._forming = len(batch)
                 rows += len(item.rows)
             remaining = deadline - time.perf_counter()
             if rows >= self.max_batch_size or self._queue or remaining <= 0 or len(batch) >= self._expected_requests:
@@ -177,41 +239,69 @@ class DynamicBatcher:
         if not batch:
             return
         start_ns = time.perf_counter_ns()
+        self._forming = 0  # executing from here on: no longer pending
         merged = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+        merge_ns = time.perf_counter_ns() - start_ns
         try:
             if self._closed is not None:  # shut down from another thread: its executor may be gone
                 raise BatcherClosed(self._closed)
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, merged)
+            loop = asyncio.get_running_loop()
+            outputs, prepare_ns, infer_ns = await loop.run_in_executor(self._executor, self._timed_run, merged)
         except Exception as exc:  # a failing batch fails its own callers, never the server
-            self.stats.fail_count += len(batch)
             if self._closed is not None and not isinstance(exc, BatcherClosed):
                 exc = BatcherClosed(self._closed)  # the executor refused the batch: it was shut down
-            _fail(batch, exc)
+            self.stats.failures[OTHER if isinstance(exc, BatcherClosed) else BACKEND] += _fail(batch, exc)
             return
-        compute_ns = time.perf_counter_ns() - start_ns
+        output_start_ns = time.perf_counter_ns()
         self._expected_requests = min(len(batch) + len(self._queue), self.max_batch_size)
-        self._record(batch, len(merged), start_ns, compute_ns)
-        offset = 0
+        answered, offset = [], 0
         for pending in batch:
             n = len(pending.rows)
             if not pending.future.done():
                 pending.future.set_result(outputs[offset : offset + n])
+                answered.append(pending)
             offset += n
+        end_ns = time.perf_counter_ns()
+        durations = (merge_ns + prepare_ns, infer_ns, end_ns - output_start_ns)
+        self._record(answered, len(batch) - len(answered), len(merged), start_ns, end_ns, durations)
 
-    def _record(self, batch: list[_Pending], size: int, start_ns: int, compute_ns: int) -> None:
+    def _timed_run(self, merged: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """On the device thread: (outputs, ns preparing the input, ns inferring)."""
+        start_ns = time.perf_counter_ns()
+        model_input = merged if self.prepare is None else self.prepare(merged)
+        prepared_ns = time.perf_counter_ns()
+        outputs = self.run_batch(model_input)
+        return outputs, prepared_ns - start_ns, time.perf_counter_ns() - prepared_ns
+
+    def _record(
+        self,
+        answered: list[_Pending],
+        cancelled: int,
+        size: int,
+        start_ns: int,
+        end_ns: int,
+        durations: tuple[int, int, int],
+    ) -> None:
         stats = self.stats
+        input_ns, infer_ns, output_ns = durations
         stats.inference_count += size
         stats.execution_count += 1
-        stats.success_count += len(batch)
-        queue_ns = sum(start_ns - p.enqueued_ns for p in batch)
+        stats.success_count += len(answered)
+        stats.failures[CANCELED] += cancelled  # gave up while its batch ran
+        queue_ns = sum(start_ns - p.enqueued_ns for p in answered)
         stats.queue_ns += queue_ns
-        stats.compute_ns += compute_ns
+        stats.request_ns += sum(end_ns - p.enqueued_ns for p in answered)
+        stats.compute_input_ns += input_ns * len(answered)
+        stats.compute_infer_ns += infer_ns * len(answered)
+        stats.compute_output_ns += output_ns * len(answered)
         stats.last_inference_ms = int(time.time() * 1000)
-        entry = stats.batch_sizes.setdefault(size, [0, 0])
-        entry[0] += 1
-        entry[1] += compute_ns
+        entry = stats.batch_sizes.setdefault(size, SizeStatistics())
+        entry.count += 1
+        entry.compute_input_ns += input_ns
+        entry.compute_infer_ns += infer_ns
+        entry.compute_output_ns += output_ns
         if self.on_batch is not None:
-            self.on_batch(size, compute_ns / 1e9, queue_ns / 1e9 / len(batch))
+            self.on_batch(size, (input_ns + infer_ns) / 1e9, queue_ns / 1e9 / max(1, len(answered)))
 
     def shutdown(self, reason: str = "the server is shutting down") -> None:
         """Stop taking requests and fail the waiting ones with :class:`BatcherClosed`; from any thread.
@@ -230,7 +320,7 @@ class DynamicBatcher:
         def fail_on_the_loop() -> None:  # on the loop's thread, so no submit() runs meanwhile
             queued = list(self._queue)
             self._queue.clear()
-            _fail(queued, BatcherClosed(reason))
+            self.stats.failures[OTHER] += _fail(queued, BatcherClosed(reason))
             if worker is not None:
                 worker.cancel()
 
@@ -257,10 +347,14 @@ class DynamicBatcher:
                 await worker
 
 
-def _fail(batch: Iterable[_Pending], exc: BaseException) -> None:
+def _fail(batch: Iterable[_Pending], exc: BaseException) -> int:
+    """Fail the callers still waiting; how many there were."""
+    failed = 0
     for pending in batch:
         if not pending.future.done():
             pending.future.set_exception(exc)
+            failed += 1
+    return failed
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -11,7 +11,9 @@ goes through the same :meth:`TopTagger.classify` and batcher, and answers with
 
 Errors map to status codes here, in one place: a bad request is INVALID_ARGUMENT with the
 contract's message, a full queue RESOURCE_EXHAUSTED, an unknown model NOT_FOUND, a model that is
-not ready UNAVAILABLE (with the reason). Each failure is logged as one JSON line with the request
+not ready UNAVAILABLE (with the reason), and so is every request once the server drains
+(:mod:`serving.drain`: a proxy retries UNAVAILABLE on another replica); a request accepted before
+the drain is counted in it until answered. Each failure is logged as one JSON line with the request
 id (the request's ``id``, else the ``x-request-id`` metadata).
 """
 
@@ -35,6 +37,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from serving import metrics
 from serving.client_errors import grpc_client_error, safe_decoding
 from serving.control import ModelController, grpc_call
+from serving.drain import Draining
 from serving.errors import ServerOverloaded
 from serving.limits import Limits, declared_size, off_loop
 from serving.redact import redact
@@ -107,8 +110,13 @@ class TaggerServicer(InferenceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
         start = time.perf_counter()
         refused = None
+        drain = self.model.drain
         try:
-            response = await self._infer(request)
+            drain.enter()  # raises Draining once the server stops taking requests
+            try:
+                response = await self._infer(request)
+            finally:
+                drain.leave()
         except asyncio.CancelledError:  # the client went away or its deadline passed
             metrics.REQUESTS.labels("grpc", grpc.StatusCode.CANCELLED.name).inc()
             raise
@@ -117,6 +125,12 @@ class TaggerServicer(InferenceServicer):
             metrics.REQUESTS.labels("grpc", refused.code.name).inc()
             _LATENCY.observe(time.perf_counter() - start)
             _log_refusal(request, context, refused, exc)
+        if refused is not None and refused.code == grpc.StatusCode.UNAVAILABLE:
+            # Draining or not ready: context.abort(), whose answer is "trailers-only" (the status in
+            # the response headers), the only form in which Envoy's `retry_on: unavailable` sees it
+            # and retries on another replica; set_code() sends headers first and the status in the
+            # trailers. Rare (once per shutdown), so the cycle below does not matter here.
+            await context.abort(refused.code, redact(refused.message))
         if refused is not None:
             # A status, not context.abort(): grpc keeps the abort's exception in the call's state,
             # and its traceback holds the handlers' frames (with the request and its payload) and
@@ -168,6 +182,8 @@ def _refusal(exc: Exception) -> RequestRefused:
         return RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc.reason))
     if isinstance(exc, ServerOverloaded):
         return RequestRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason)
+    if isinstance(exc, Draining):
+        return RequestRefused(grpc.StatusCode.UNAVAILABLE, exc.reason)
     # The backend itself failed on a valid request: the batch's callers fail, the server serves on.
     return RequestRefused(grpc.StatusCode.INTERNAL, f"inference failed ({type(exc).__name__}: {exc})")
 

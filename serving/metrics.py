@@ -3,10 +3,14 @@
 Request counts and latencies are measured at the transport (a REST middleware and the gRPC
 ``ModelInfer`` handler), so that they include decoding and encoding and carry the protocol as a
 label.
-Batch sizes, queue depth, queue wait and compute time come from the dynamic batcher.
+Batch sizes, queue wait and compute time come from the dynamic batcher; the queue depth is read
+from the batchers at each scrape (:func:`watch_queue`), so it is right whenever it is read.
+Triton's own metrics (``nv_inference_*``, on their own port) are in :mod:`serving.triton.metrics`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -20,7 +24,11 @@ REQUEST_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram("toptagger_batch_size", "Rows per executed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-QUEUE_DEPTH = Gauge("toptagger_queue_depth", "Requests waiting in the batching queue")
+QUEUE_DEPTH = Gauge("toptagger_queue_depth", "Requests accepted and waiting for the model (read at scrape time)")
+IN_FLIGHT = Gauge(
+    "toptagger_requests_in_flight",
+    "Inference requests accepted and not yet answered, both protocols: what a drain waits for (read at scrape time)",
+)
 QUEUE_WAIT = Histogram("toptagger_queue_wait_seconds", "Mean wait in the queue per batch", buckets=LATENCY_BUCKETS)
 COMPUTE = Histogram("toptagger_compute_seconds", "Model compute time per batch", buckets=LATENCY_BUCKETS)
 
@@ -29,3 +37,9 @@ def observe_batch(size: int, compute_s: float, queue_wait_s: float) -> None:
     BATCH_SIZE.observe(size)
     COMPUTE.observe(compute_s)
     QUEUE_WAIT.observe(queue_wait_s)
+
+
+def watch(pending: Callable[[], int], in_flight: Callable[[], int]) -> None:
+    """Read the queue depth and the requests in flight at each scrape (a gauge set per request goes stale)."""
+    QUEUE_DEPTH.set_function(pending)
+    IN_FLIGHT.set_function(in_flight)

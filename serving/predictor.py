@@ -35,11 +35,14 @@ from serving import metrics
 from serving.backends import Backend, load_backend
 from serving.batching import BatcherClosed, DynamicBatcher, QueueFull
 from serving.contract import Contract
+from serving.drain import Drain
 from serving.errors import ServerOverloaded
 from serving.limits import Admission
 from serving.redact import redact
+from serving.triton.checksum import model_checksums
 from toptagger.constants import MODEL_NAME
 from toptagger.errors import TaggerError
+from toptagger.model_uri import fetch_model_dir
 from toptagger.signature import CONSTITUENTS, DATATYPE, IMAGES, PROBABILITIES
 
 log = logging.getLogger("serving.predictor")
@@ -66,6 +69,7 @@ class TopTagger(Model):
         fallback: str | None = None,
         name: str = MODEL_NAME,
         precision: str = "fp32",
+        drain: Drain | None = None,
     ) -> None:
         super().__init__(name)
         self.model_uri = model_uri
@@ -74,11 +78,14 @@ class TopTagger(Model):
         self.precision = precision
         self.batching = batching or BatchingOptions()
         self.admission = Admission(self.batching.max_queue_ms)  # backpressure in seconds of work
+        self.drain = drain or Drain()  # requests in flight; none taken once the server is told to stop
         self.backend: Backend | None = None
         # One queue per input kind, both feeding the one device thread: constituents are rendered
         # per merged batch, on that thread, rather than once per request.
         self.batchers: dict[str, DynamicBatcher] = {}
         self.contract: Contract | None = None
+        # Triton's checksum agent's MD5 of every file served, answered in ModelConfig (serving.triton.checksum).
+        self.checksums: dict[str, str] = {}
         self.not_ready_reason: str | None = "not loaded yet"
         # The backend is built and run on one dedicated thread: torch's OpenMP pool belongs to the
         # thread that first used it, and a second thread's pool competes with it (measured: 13 ms
@@ -101,14 +108,14 @@ class TopTagger(Model):
             if self.stopped:
                 log.error("model %s: load() after stop() refused (%s)", redact(self.model_uri), self.not_ready_reason)
                 return False
+            if self.drain.draining:  # KServe retries load() on requests to a model that is not ready
+                return False
             if self.ready:
                 return True  # loaded already: the backend and its batchers stay as they are
             if self.device_thread is None:
                 self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
             try:
-                backend = self.device_thread.submit(
-                    load_backend, self.model_uri, self.backend_name, self.fallback, self.precision
-                ).result()
+                backend, checksums = self.device_thread.submit(self._build).result()
             except TaggerError as exc:
                 if not self.stopped:  # else stop() ran in a signal handler meanwhile and said why
                     # Redacted: the reason goes to clients (readiness, index, errors) and the log.
@@ -119,24 +126,33 @@ class TopTagger(Model):
                 return False
             if self.stopped:
                 return False
-            self.backend = backend
+            self.backend, self.checksums = backend, checksums
             self._start_batchers(backend, self.device_thread)
         return True
+
+    def _build(self) -> tuple[Backend, dict[str, str]]:
+        """On the device thread: the backend, and the checksums of the very folder it was built from
+        (fetched once: an alias fetched twice could move in between)."""
+        model_dir = fetch_model_dir(self.model_uri)
+        backend = load_backend(str(model_dir), self.backend_name, self.fallback, self.precision)
+        return backend, model_checksums(model_dir)
 
     def _start_batchers(self, backend: Backend, device_thread: ThreadPoolExecutor) -> None:
         max_batch = min(self.batching.max_batch_size, backend.max_batch_size or self.batching.max_batch_size)
         self.contract = Contract(backend.channels, backend.image_size, max_batch)
-        runners = {IMAGES: backend.predict, CONSTITUENTS: lambda jets: backend.predict(backend.render(jets))}
+        # Constituents are rendered into images per merged batch: Triton's compute_input.
+        prepare = {IMAGES: None, CONSTITUENTS: backend.render}
         self.batchers = {
             kind: DynamicBatcher(
-                run,
+                backend.predict,
                 max_batch_size=max_batch,
                 max_latency_ms=self.batching.max_latency_ms,
                 max_queue=self.batching.max_queue,
                 on_batch=self._on_batch,
                 executor=device_thread,
+                prepare=render,
             )
-            for kind, run in runners.items()
+            for kind, render in prepare.items()
         }
         if self.batching.max_queue_ms is not None:
             self._seed_admission(backend, max_batch, device_thread)
@@ -170,6 +186,20 @@ class TopTagger(Model):
             return
         self.admission.seed(max_batch, elapsed)
         log.info("admission seeded at %.0f rows/s (warm-up batch of %d)", self.admission.rows_per_s, max_batch)
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests accepted and not yet executing, over both queues (read at each scrape)."""
+        return sum(batcher.pending_count for batcher in list(self.batchers.values()))
+
+    def begin_drain(self) -> None:
+        """Not ready from now on, and no new inference (:mod:`serving.drain`); what was accepted runs on."""
+        with self._lifecycle:
+            self.drain.begin()
+            self.ready = False
+            if not self.stopped:
+                self.not_ready_reason = self.drain.reason
+        log.info("model %s draining: %d request(s) in flight", redact(self.model_uri), self.drain.in_flight)
 
     def stop(self) -> None:
         """End serving for good: fail waiting requests, close the batchers, end the device thread.
@@ -240,7 +270,6 @@ class TopTagger(Model):
         batcher = None if self.stopped else self.batchers.get(input_name)
         if batcher is None:  # stopped, or never loaded: say why rather than wait for a batcher
             raise ModelNotReady(self.name, self.not_ready_reason)
-        metrics.QUEUE_DEPTH.set(sum(b.queue_depth for b in self.batchers.values()))
         try:
             probabilities = await batcher.submit(rows)
         except QueueFull as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +42,14 @@ class LocalPredictor:
     log_path: Path
     host: str = "127.0.0.1"
     _log: object = field(default=None, repr=False)
+    # Started as the leader of its own process group (``new_session``): stop() signals the group,
+    # so that nothing the server started outlives it, and a terminal's Ctrl-C reaches only the
+    # parent that started it (the fleet), which then stops the servers in order.
+    group: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     @property
     def url(self) -> str:
@@ -66,15 +75,28 @@ class LocalPredictor:
     def infer_url(self) -> str:
         return f"{self.url}/v2/models/{MODEL_NAME}/infer"
 
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the server (to its whole group when it leads one); gone already is fine."""
+        try:
+            if self.group:
+                os.killpg(self.process.pid, signum)
+            elif self.process.poll() is None:
+                self.process.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM, then SIGKILL if the server does not exit within ``timeout_s``."""
         if self.process.poll() is None:
-            self.process.terminate()
+            self.signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self.signal(signal.SIGKILL)
                 self.process.wait(timeout=timeout_s)
+        if self.group:
+            # The leader is gone; whatever it started and left in its group goes too.
+            self.signal(signal.SIGKILL)
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
@@ -128,6 +150,35 @@ def _log_tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def predictor_command(
+    model_uri: str,
+    *,
+    http_port: int = HTTP_PORT,
+    grpc_port: int = GRPC_PORT,
+    backend: str | None = None,
+    extra_args: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    """The command line of ``python -m serving`` on ``model_uri`` (see :func:`start_local`)."""
+    if not model_uri:
+        raise ConfigError("a model URI is needed (local path, s3:// URI or models:/ name)")
+    if not (REPO / "serving" / "__main__.py").exists():
+        raise ConfigError(f"{REPO / 'serving'} has no __main__.py: the predictor package is not installed here")
+    command = [python, "-m", "serving", "--model-uri", model_uri, "--http-port", str(http_port)]
+    command += ["--grpc-port", str(grpc_port)]
+    if backend:
+        command += ["--backend", backend]
+    return command + list(extra_args)
+
+
+def predictor_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The predictor's environment: ours, ``PROTOCOL=v2``, ``env``, and the repository importable."""
+    process_env = {**os.environ, "PROTOCOL": "v2", **(env or {})}
+    # Keep the repository importable whatever the caller's working directory is.
+    process_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), process_env.get("PYTHONPATH")]))
+    return process_env
+
+
 def start_local(
     model_uri: str,
     *,
@@ -149,19 +200,62 @@ def start_local(
     The server's output goes to a log file (its path is in the result and in every error), so
     that a chatty server can never block on a full pipe.
     """
-    if not model_uri:
-        raise ConfigError("a model URI is needed (local path, s3:// URI or models:/ name)")
-    if not (REPO / "serving" / "__main__.py").exists():
-        raise ConfigError(f"{REPO / 'serving'} has no __main__.py: the predictor package is not installed here")
-    command = [python, "-m", "serving", "--model-uri", model_uri, "--http-port", str(http_port)]
-    command += ["--grpc-port", str(grpc_port)]
-    if backend:
-        command += ["--backend", backend]
-    command += list(extra_args)
-    process_env = {**os.environ, "PROTOCOL": "v2", **(env or {})}
-    # Keep the repository importable whatever the caller's working directory is.
-    process_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), process_env.get("PYTHONPATH")]))
-    return launch(command, process_env, http_port, grpc_port, "predictor", timeout_s, wait_ready)
+    command = predictor_command(
+        model_uri, http_port=http_port, grpc_port=grpc_port, backend=backend, extra_args=extra_args, python=python
+    )
+    return launch(command, predictor_env(env), http_port, grpc_port, "predictor", timeout_s, wait_ready)
+
+
+def spawn(
+    command: Sequence[str],
+    env: dict[str, str],
+    http_port: int,
+    grpc_port: int,
+    what: str,
+    new_session: bool = False,
+) -> LocalPredictor:
+    """Start a v2 server process and return at once (``launch`` waits for it; a fleet polls many).
+
+    ``new_session`` makes it the leader of its own process group (see :attr:`LocalPredictor.group`).
+    """
+    for name, port in (("HTTP", http_port), ("gRPC", grpc_port)):
+        if _port_in_use("127.0.0.1", port):
+            raise ConfigError(f"{name} port {port} is already in use on 127.0.0.1; choose another one")
+    log_path = Path(tempfile.mkstemp(prefix=f"top-tagger-{what}-", suffix=".log")[1])
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        list(command), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session
+    )
+    return LocalPredictor(process, http_port, grpc_port, log_path, _log=log, group=new_session)
+
+
+def is_started(predictor: LocalPredictor, what: str, wait_ready: bool = True) -> bool:
+    """One look at a spawned server: True once ready (or, without ``wait_ready``, live), False
+    while it may still become so; raises :class:`LocalServingError` (and stops it) when it cannot."""
+    process, log_path = predictor.process, predictor.log_path
+    if process.poll() is not None:
+        predictor.stop()
+        raise LocalServingError(
+            f"the {what} exited with status {process.returncode} before it was ready "
+            f"(log {log_path}):\n{_log_tail(log_path)}"
+        )
+    ready, why = _readiness(predictor.url)
+    if ready or (not wait_ready and (why is not None or _live(predictor.url))):
+        return True
+    # The predictor loads its model before it listens, so a 503 with a reason other than
+    # "not loaded yet" is final (e.g. the model cannot be read): no point waiting for it.
+    if why and why != "not loaded yet":
+        predictor.stop()
+        raise LocalServingError(f"the {what} on {predictor.url} is up but not ready: {why} (log {log_path})")
+    return False
+
+
+def not_ready_error(predictor: LocalPredictor, what: str, timeout_s: float) -> LocalServingError:
+    """The error of a server that did not become ready within ``timeout_s``."""
+    return LocalServingError(
+        f"the {what} on {predictor.url} was not ready after {timeout_s:.0f} s "
+        f"(log {predictor.log_path}):\n{_log_tail(predictor.log_path)}"
+    )
 
 
 def launch(
@@ -174,31 +268,11 @@ def launch(
     wait_ready: bool = True,
 ) -> LocalPredictor:
     """Start a v2 server process and return once ``/v2/health/ready`` answers 200 (see start_local)."""
-    for name, port in (("HTTP", http_port), ("gRPC", grpc_port)):
-        if _port_in_use("127.0.0.1", port):
-            raise ConfigError(f"{name} port {port} is already in use on 127.0.0.1; choose another one")
-    log_path = Path(tempfile.mkstemp(prefix=f"top-tagger-{what}-", suffix=".log")[1])
-    log = log_path.open("wb")
-    process = subprocess.Popen(list(command), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    predictor = LocalPredictor(process, http_port, grpc_port, log_path, _log=log)
+    predictor = spawn(command, env, http_port, grpc_port, what)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            predictor.stop()
-            raise LocalServingError(
-                f"the {what} exited with status {process.returncode} before it was ready "
-                f"(log {log_path}):\n{_log_tail(log_path)}"
-            )
-        ready, why = _readiness(predictor.url)
-        if ready or (not wait_ready and (why is not None or _live(predictor.url))):
+        if is_started(predictor, what, wait_ready):
             return predictor
-        # The predictor loads its model before it listens, so a 503 with a reason other than
-        # "not loaded yet" is final (e.g. the model cannot be read): no point waiting for it.
-        if why and why != "not loaded yet":
-            predictor.stop()
-            raise LocalServingError(f"the {what} on {predictor.url} is up but not ready: {why} (log {log_path})")
         time.sleep(0.25)
     predictor.stop()
-    raise LocalServingError(
-        f"the {what} on {predictor.url} was not ready after {timeout_s:.0f} s (log {log_path}):\n{_log_tail(log_path)}"
-    )
+    raise not_ready_error(predictor, what, timeout_s)

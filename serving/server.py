@@ -13,15 +13,22 @@
   server is not live (REST and gRPC) until a load brings the model back.
 - Every answer but a successful inference, and every log record, goes through
   :mod:`serving.redact`: no credential leaves the process.
+- SIGTERM (or SIGINT) drains (:mod:`serving.drain`): not ready at once on both protocols, new
+  inference refused (503 + Retry-After / UNAVAILABLE), accepted requests answered, then exit, within
+  ``--drain-seconds``. Triton's ``nv_inference_*`` metrics have their own port
+  (:mod:`serving.triton.metrics`) and are served until the process ends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -38,6 +45,7 @@ from starlette.exceptions import HTTPException
 from serving import client_errors, metrics
 from serving.control import ModelControl, ModelController
 from serving.control import install_rest as install_control_routes
+from serving.drain import Drain
 from serving.errors import ServerOverloaded
 from serving.grpc_infer import KServeErrorsInterceptor, TaggerServicer
 from serving.limits import Limits, retry_after_header
@@ -45,6 +53,7 @@ from serving.predictor import TopTagger
 from serving.redact import RedactAnswers
 from serving.rest_infer import install_infer_routes
 from serving.triton import extensions as triton
+from serving.triton.metrics import MetricsServer
 from toptagger.constants import MODEL_VERSION
 
 log = logging.getLogger("serving.server")
@@ -61,8 +70,8 @@ class RestGuard:
     the hot path.
     """
 
-    def __init__(self, app: Callable, max_body: int) -> None:
-        self.app, self.max_body = app, max_body
+    def __init__(self, app: Callable, max_body: int, drain: Drain | None = None) -> None:
+        self.app, self.max_body, self.drain = app, max_body, drain or Drain()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -87,6 +96,10 @@ class RestGuard:
         status = 500
         is_infer = scope["path"].endswith(INFER_SUFFIX)
         start = time.perf_counter()
+        if is_infer and self.drain.draining:  # before the body is read: a proxy retries it elsewhere
+            await _send_draining(send, self.drain, request_id)
+            metrics.REQUESTS.labels("rest", "503").inc()
+            return
 
         async def tagged_send(message: dict) -> None:
             nonlocal status
@@ -95,11 +108,16 @@ class RestGuard:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        if is_infer:
+            self.drain.enter()  # counted until answered: the drain waits for it
         try:
             await self.app(scope, capped_receive, tagged_send)
         except _BodyTooLarge:
             status = 413
             await _send_json(send, 413, {"error": f"request body exceeds {self.max_body} bytes"})
+        finally:
+            if is_infer:
+                self.drain.leave()
         if is_infer:
             elapsed = time.perf_counter() - start
             metrics.REQUESTS.labels("rest", str(status)).inc()
@@ -124,16 +142,26 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _send_json(send: Callable, status: int, body: dict) -> None:
+async def _send_json(send: Callable, status: int, body: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+async def _send_draining(send: Callable, drain: Drain, request_id: str) -> None:
+    # Connection: close, so that a client holding a keep-alive connection reconnects (to another pod).
+    headers = [(b"retry-after", b"1"), (b"connection", b"close"), (b"x-request-id", request_id.encode())]
+    await _send_json(send, 503, {"error": drain.reason}, headers)
 
 
 def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int, dataplane: Any = None) -> None:
@@ -218,7 +246,7 @@ def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int, datap
     app.add_exception_handler(json.JSONDecodeError, bad_request)
     # Logged once per (endpoint, reason) a minute, no traceback; pinned ahead of KServe's handlers.
     client_errors.install_rest(app, (HTTPException, RequestValidationError, json.JSONDecodeError))
-    app.add_middleware(RestGuard, max_body=max_body)
+    app.add_middleware(RestGuard, max_body=max_body, drain=model.drain)
 
 
 def _short(exc: Exception) -> str:
@@ -251,6 +279,12 @@ class TaggerDataPlane(DataPlane):
         """Not live while an explicit unload has not been followed by a load (REST and gRPC)."""
         reason = self.controller.not_live_reason() if self.controller else None
         return {"status": "alive"} if reason is None else {"status": "not live", "reason": reason}
+
+    async def ready(self) -> bool:
+        """gRPC ``ServerReady`` as REST ``/v2/health/ready`` answers: ready only while every model is
+        (KServe says True whatever the models do, so a draining or unloaded server looked ready)."""
+        models = self._model_registry.get_models().values()
+        return bool(models) and all(model.ready for model in models)
 
 
 # --- gRPC ---------------------------------------------------------------------------------------
@@ -319,7 +353,12 @@ class TaggerModelServer(ModelServer):
     """
 
     def __init__(
-        self, model: TopTagger, max_body: int = DEFAULT_MAX_BODY, control: ModelControl | None = None, **kwargs: Any
+        self,
+        model: TopTagger,
+        max_body: int = DEFAULT_MAX_BODY,
+        control: ModelControl | None = None,
+        metrics_server: MetricsServer | None = None,
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("enable_latency_logging", False)  # one INFO line per request costs throughput
         # Request and message sizes (serving.limits); max_body is the request cap's old name.
@@ -333,6 +372,13 @@ class TaggerModelServer(ModelServer):
         # Load/unload: refused unless control says explicit (serving.control); liveness follows it.
         self.controller = ModelController(model, control, self.registered_models)
         self.dataplane.controller = self.controller
+        # Triton's metrics port (started before the model loads, so the counters exist at zero);
+        # closed when the process ends, after the drain, so the last scrape sees the pending count fall.
+        self.metrics_server = metrics_server
+        metrics.watch(lambda: model.pending_requests, lambda: model.drain.in_flight)
+        self._signalled: asyncio.Event | None = None  # set by SIGTERM/SIGINT: drain, then stop
+        self._forced: asyncio.Event | None = None  # a second signal: stop without waiting further
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Per-request INFO lines from uvicorn and KServe's timing middleware cost throughput;
         # our own access log keeps errors (and every request at DEBUG).
         for name in ("uvicorn.access", "kserve.trace"):
@@ -360,4 +406,63 @@ class TaggerModelServer(ModelServer):
                 limits=self.limits,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
+        self.servers.append(self._drain_on_signal())
         super().start([])
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+
+    # --- drain (serving.drain) ------------------------------------------------------------------
+    def register_signal_handler(self) -> None:
+        """Upstream's hook, called by its ``start()`` after it built the REST server and before the
+        event loop runs: SIGTERM/SIGINT/SIGQUIT start the drain instead of upstream's immediate stop.
+
+        uvicorn would otherwise take the signals for itself (``capture_signals``) and close the
+        REST port at once, then hand the signal to upstream's handler, which stops gRPC and
+        unloads the model, failing every request still in flight.
+        """
+        rest = getattr(self, "_rest_server", None)
+        if rest is not None:
+            rest._server.capture_signals = contextlib.nullcontext  # the drain decides when uvicorn exits
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, sig: int, frame: object) -> None:
+        loop, signalled, forced = self._loop, self._signalled, self._forced
+        if loop is None or signalled is None or forced is None:  # before the event loop runs
+            raise SystemExit(0)
+        # The handler runs between two bytecodes of the loop's own thread: hand over, do nothing here.
+        loop.call_soon_threadsafe((forced if signalled.is_set() else signalled).set)
+        log.info("signal %s: %s", signal.Signals(sig).name, "stopping now" if signalled.is_set() else "draining")
+
+    async def _drain_on_signal(self) -> None:
+        """Wait for a signal; then not ready, refuse new work, finish the accepted, stop everything."""
+        self._loop = asyncio.get_running_loop()
+        self._signalled, self._forced = asyncio.Event(), asyncio.Event()
+        await self._signalled.wait()
+        drain = self.model.drain
+        self.model.begin_drain()
+        done = await drain.wait(stop_early=self._forced)
+        if done:
+            # Linger, still refusing new work with a retryable UNAVAILABLE, until a proxy's health
+            # checks have taken this replica out: a request whose stream opens while the server
+            # stops would otherwise be cancelled, and a cancellation is not retried.
+            await _sleep_unless(self._forced, drain.linger_s())
+        log.info(
+            json.dumps(
+                {
+                    "event": "drained" if done else "drain cut short",
+                    "in_flight": drain.in_flight,
+                    "seconds": round(time.monotonic() - (drain.started_at or time.monotonic()), 3),
+                }
+            )
+        )
+        # Upstream's stop: gRPC's graceful stop and the model's unload (which fails whatever is left).
+        self.stop(signal.SIGTERM)
+        rest = getattr(self, "_rest_server", None)
+        if rest is not None:
+            rest._server.should_exit = True
+
+
+async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout=seconds)

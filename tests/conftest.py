@@ -22,7 +22,7 @@ from toptagger.jets.generator import generate_jets
 from toptagger.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["tests.predictor", "tests.rng_guard"]
+pytest_plugins = ["tests.predictor", "tests.quantized", "tests.rng_guard"]
 
 
 @pytest.fixture(scope="session")

@@ -61,15 +61,22 @@ def on_device(model: Any, function: Callable[..., T], *args: object) -> T:
 
 
 def start_server(model_uri: str | Path, *extra: str, wait_ready: bool = True, grpc_port: int | None = None) -> Server:
-    """The predictor on free loopback ports, one torch thread (the tests share two cores)."""
+    """The predictor on free loopback ports (its metrics port too), one torch thread (the tests share two cores)."""
+    metrics = [] if "--metrics-port" in extra else ["--metrics-port", str(free_port())]
     return start_local(
         str(model_uri),
         http_port=free_port(),
         grpc_port=grpc_port or free_port(),
-        extra_args=["--threads", "1", *extra],
+        extra_args=["--threads", "1", *metrics, *extra],
         timeout_s=180,
         wait_ready=wait_ready,
     )
+
+
+def metrics_url(server: Server) -> str:
+    """Where the server's Triton metrics are: ``--metrics-port`` as its command line has it."""
+    args = list(server.process.args)  # type: ignore[arg-type]
+    return f"http://{server.host}:{args[args.index('--metrics-port') + 1]}/metrics"
 
 
 def stop_server(server: Server) -> None:
@@ -81,3 +88,22 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     running = start_server(model_dir, "--max-batch-size", "8")
     yield running
     stop_server(running)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {"name{labels as written}": value} (comment lines left out)."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            samples[series] = float(value)
+    return samples
+
+
+def scrape(server: Server) -> dict[str, float]:
+    """The server's Triton metrics, parsed (:func:`parse_metrics`)."""
+    import httpx
+
+    answer = httpx.get(metrics_url(server), timeout=30)
+    answer.raise_for_status()
+    return parse_metrics(answer.text)

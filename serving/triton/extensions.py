@@ -17,6 +17,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from serving.batching import BatchStatistics
+from serving.triton import checksum
 from serving.triton.protos import extensions_pb2, model_config_pb2
 from toptagger.constants import MODEL_VERSION
 
@@ -42,6 +43,8 @@ def model_config(model: TopTagger) -> model_config_pb2.ModelConfig:
     for spec in contract.outputs:
         config.output.add(name=spec.name, data_type=model_config_pb2.TYPE_FP32, dims=list(spec.dims))
     config.dynamic_batching.max_queue_delay_microseconds = round(model.batching.max_latency_ms * 1000)
+    if model.checksums:  # as serving.triton.repository writes it for the same files: SONIC compares the two
+        config.model_repository_agents.agents.add(name=checksum.AGENT, parameters=model.checksums)
     return config
 
 
@@ -50,20 +53,30 @@ def model_statistics(model: TopTagger) -> extensions_pb2.ModelStatistics:
     entry = extensions_pb2.ModelStatistics(name=model.name, version=MODEL_VERSION)
     if not model.batchers:
         return entry
-    stats = BatchStatistics.combined(b.stats for b in model.batchers.values())
+    stats = BatchStatistics.combined(b.stats for b in list(model.batchers.values()))
     entry.last_inference = stats.last_inference_ms
     entry.inference_count = stats.inference_count
     entry.execution_count = stats.execution_count
+    requests = stats.success_count
+    # As Triton counts them: per request (a batch's compute time once for each of its requests);
+    # the same numbers as the nv_inference_* metrics (serving.triton.metrics).
     entry.inference_stats.CopyFrom(
         extensions_pb2.InferStatistics(
-            success=duration(count=stats.success_count, ns=stats.queue_ns + stats.compute_ns),
-            fail=duration(count=stats.fail_count),
-            queue=duration(count=stats.success_count, ns=stats.queue_ns),
-            compute_infer=duration(count=stats.execution_count, ns=stats.compute_ns),
+            success=duration(count=requests, ns=stats.request_ns),
+            fail=duration(count=stats.fail_count + model.admission.refused),
+            queue=duration(count=requests, ns=stats.queue_ns),
+            compute_input=duration(count=requests, ns=stats.compute_input_ns),
+            compute_infer=duration(count=requests, ns=stats.compute_infer_ns),
+            compute_output=duration(count=requests, ns=stats.compute_output_ns),
         )
     )
-    for size, (count, ns) in sorted(stats.batch_sizes.items()):
-        entry.batch_stats.add(batch_size=size, compute_infer=duration(count=count, ns=ns))
+    for size, sized in sorted(stats.batch_sizes.items()):
+        entry.batch_stats.add(
+            batch_size=size,
+            compute_input=duration(count=sized.count, ns=sized.compute_input_ns),
+            compute_infer=duration(count=sized.count, ns=sized.compute_infer_ns),
+            compute_output=duration(count=sized.count, ns=sized.compute_output_ns),
+        )
     return entry
 
 

@@ -10,7 +10,13 @@ index and lock the statistics behind a token). Three traps, each handled here (r
   which the stub links even on a CPU-only machine);
 - the stub ignores ``PYTHONPATH`` and finds packages through the first ``python3`` on ``PATH``:
   this venv's ``bin`` goes first;
-- the backend folder must hold the Python backend *and* the stub: assembled in a temporary folder.
+- the backend folder must hold the Python backend *and* the stub: assembled in a temporary folder;
+- the wheel has no repository agents, and Triton refuses a model whose ``config.pbtxt`` names one:
+  the checksum agent (:mod:`serving.triton.checksum`) is built from ``checksum_agent.c`` with the
+  system C compiler into a temporary ``--repoagent-directory``.
+
+With ``metrics_port`` Triton serves its Prometheus metrics there (``--allow-metrics``, CPU metrics,
+no GPU metrics): the oracle for :mod:`serving.triton.metrics`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -27,6 +34,7 @@ from serving.process import LocalPredictor, free_port, launch
 from toptagger.errors import ConfigError
 
 STUB_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+CHECKSUM_AGENT_SOURCE = Path(__file__).with_name("checksum_agent.c")
 
 
 def triton_root() -> Path:
@@ -53,6 +61,21 @@ def _backend_directory(root: Path) -> Path:
     return backends
 
 
+def repoagent_directory() -> Path:
+    """A temporary ``--repoagent-directory`` with ``checksum/libtritonrepoagent_checksum.so``, built here."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise ConfigError("no C compiler (cc or gcc) to build Triton's checksum agent; install gcc")
+    agents = Path(tempfile.mkdtemp(prefix="top-tagger-triton-repoagents-"))
+    library = agents / "checksum" / "libtritonrepoagent_checksum.so"
+    library.parent.mkdir()
+    command = [compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(CHECKSUM_AGENT_SOURCE), "-ldl"]
+    built = subprocess.run(command, capture_output=True, text=True, check=False)
+    if built.returncode != 0:
+        raise ConfigError(f"building Triton's checksum agent failed ({' '.join(command)}):\n{built.stderr[-2000:]}")
+    return agents
+
+
 def _environment(root: Path) -> dict[str, str]:
     env = dict(os.environ)
     libraries = [sysconfig.get_config_var("LIBDIR"), str(root.parents[1] / "nvidia_pytriton.libs")]
@@ -66,9 +89,11 @@ def start_triton(
     *,
     http_port: int | None = None,
     grpc_port: int | None = None,
+    metrics_port: int | None = None,
     timeout_s: float = 180.0,
 ) -> LocalPredictor:
-    """Start ``tritonserver`` on ``repository`` and return once it is ready (all models loaded)."""
+    """Start ``tritonserver`` on ``repository`` and return once it is ready (all models loaded);
+    its Prometheus metrics on ``metrics_port`` when one is given."""
     root = triton_root()
     repository = Path(repository)
     if not repository.is_dir():
@@ -80,7 +105,12 @@ def start_triton(
         f"--backend-directory={_backend_directory(root)}",
         f"--http-port={http_port}",
         f"--grpc-port={grpc_port}",
-        "--allow-metrics=false",
+        f"--repoagent-directory={repoagent_directory()}",
         "--log-verbose=0",
     ]
+    if metrics_port:
+        command += ["--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true"]
+        command.append(f"--metrics-port={metrics_port}")
+    else:
+        command.append("--allow-metrics=false")
     return launch(command, _environment(root), http_port, grpc_port, "tritonserver", timeout_s)

@@ -4,7 +4,9 @@
     tritonserver --model-repository=repo/
 
 The repository holds ``top-tagger/config.pbtxt`` (the served tensors of
-:mod:`toptagger.signature`, Triton's dynamic batcher) and ``top-tagger/1/`` with the Python-backend
+:mod:`toptagger.signature`, Triton's dynamic batcher, and the checksum agent's MD5 of every model
+file: :mod:`serving.triton.checksum`, what SONIC compares with the server's ``ModelConfig``) and
+``top-tagger/1/`` with the Python-backend
 model (:mod:`serving.triton.model`) and a copy of the model folder, so that it is self-contained
 and can be synced to the object store Triton reads. Triton's Python needs this project importable:
 installed in its image, or named with ``--python-path`` (a local checkout; the tests and the
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from serving.backends import BACKENDS
+from serving.triton.checksum import agents_pbtxt, model_checksums
 from serving.triton.model import MODEL_FOLDER
 from toptagger.cli import positive_int
 from toptagger.constants import MODEL_NAME, MODEL_VERSION
@@ -34,9 +37,15 @@ MODEL_FILE = "model.py"
 
 
 def model_config(
-    signature: Signature, backend: str, max_batch_size: int, max_queue_delay_us: int, python_path: str = ""
+    signature: Signature,
+    backend: str,
+    max_batch_size: int,
+    max_queue_delay_us: int,
+    python_path: str = "",
+    checksums: dict[str, str] | None = None,
 ) -> str:
-    """``config.pbtxt``: both inputs optional (a request sends one of them), CPU instance, batching."""
+    """``config.pbtxt``: both inputs optional (a request sends one of them), CPU instance, batching,
+    and the checksum agent's digests of the model files (Triton checks them before loading)."""
     inputs = ",\n".join(
         f'  {{ name: "{spec.name}" data_type: TYPE_FP32 dims: {list(spec.dims)} optional: true }}'
         for spec in signature.inputs
@@ -53,7 +62,7 @@ def model_config(
         f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
         f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
         # One instance: the backend already uses every core of the limit (serving.backends.cpu_limit).
-        f"instance_group [ {{ kind: KIND_CPU count: 1 }} ]\n{params}\n"
+        f"instance_group [ {{ kind: KIND_CPU count: 1 }} ]\n{params}\n{agents_pbtxt(checksums or {})}"
     )
 
 
@@ -80,7 +89,8 @@ def write_repository(
     version.mkdir(parents=True)
     shutil.copytree(source, version / MODEL_FOLDER)
     shutil.copyfile(Path(__file__).with_name("model.py"), version / MODEL_FILE)
-    config = model_config(Signature.of(tagger), backend, max_batch_size, max_queue_delay_us, python_path)
+    checksums = model_checksums(version / MODEL_FOLDER)  # of the copy: what Triton will read
+    config = model_config(Signature.of(tagger), backend, max_batch_size, max_queue_delay_us, python_path, checksums)
     (staging / "config.pbtxt").write_text(config)
     # Renamed into place whole: a Triton polling the repository never sees half a model.
     shutil.rmtree(model_root, ignore_errors=True)

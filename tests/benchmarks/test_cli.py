@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
         "benchmarks.stock_kserve",
         "benchmarks.limits",
         "benchmarks.serving",
+        "benchmarks.precision",
     ],
 )
 def test_help(module: str) -> None:

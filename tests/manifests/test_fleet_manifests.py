@@ -110,6 +110,23 @@ def test_keda_is_the_only_scaler_and_scales_on_queue_latency(fleet: list[dict[st
     )
 
 
+def test_keda_and_envoys_admission_read_one_metric_from_one_prometheus(fleet: list[dict[str, Any]]) -> None:
+    from serving.fleet.envoy_config import (
+        CLUSTER_PROMETHEUS_HOST,
+        CLUSTER_PROMETHEUS_PORT,
+        DEFAULT_THRESHOLD_MS,
+        scaling_metric,
+    )
+    from toptagger.constants import MODEL_NAME
+
+    (trigger,) = one(fleet, "ScaledObject")["spec"]["triggers"]
+    assert " ".join(trigger["metadata"]["query"].split()) == " ".join(scaling_metric("model", MODEL_NAME, 30).split())
+    assert float(trigger["metadata"]["threshold"]) == DEFAULT_THRESHOLD_MS
+    assert trigger["metadata"]["serverAddress"] == f"http://{CLUSTER_PROMETHEUS_HOST}:{CLUSTER_PROMETHEUS_PORT}"
+    prometheus = [a for a in socket_addresses(envoy_config(fleet)) if a.get("address") == CLUSTER_PROMETHEUS_HOST]
+    assert prometheus and all(a["port_value"] == CLUSTER_PROMETHEUS_PORT for a in prometheus)
+
+
 def test_predictor_serves_metrics_and_drains_within_its_grace(fleet: list[dict[str, Any]]) -> None:
     isvc = isvc_of(fleet)
     container = kserve_container(isvc)

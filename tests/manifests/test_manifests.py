@@ -360,7 +360,7 @@ def test_cpu_autoscaling_component_for_clusters_without_keda(
 @pytest.mark.parametrize(
     ("overlay", "runtime"),
     [
-        ("cpu", {"backend": "openvino", "fallback": "torch", "precision": "fp32"}),
+        ("cpu", {"backend": "auto", "fallback": "torch", "precision": "auto"}),
         ("gpu", {"backend": "torch", "fallback": None, "precision": "fp16"}),
         ("fpga", {"backend": "opencl", "fallback": None, "precision": "fp32"}),
     ],

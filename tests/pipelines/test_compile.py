@@ -22,8 +22,8 @@ from toptagger.errors import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "manifests" / "pipelines" / "top_tagging.yaml"
 # The component functions and their files (the data module holds the generation's fan-out too).
-STEPS = ["plan_shards", "generate_shard", "data", "preprocess", "train", "trainjob", "evaluate", "register",
-         "deploy"]  # fmt: skip
+STEPS = ["plan_shards", "generate_shard", "data", "preprocess", "train", "trainjob", "quantize", "evaluate",
+         "register", "deploy"]  # fmt: skip
 SINGLE_POD = [s for s in STEPS if s != "trainjob"]  # trainjob replaces train in the TrainJob form
 FILES = {step: f"components/{step}.py" for step in STEPS} | {
     "plan_shards": "components/data.py",
@@ -56,6 +56,7 @@ def test_parameters_have_defaults_and_descriptions(compiled: tuple[dict[str, Any
         "dataset_uri": "", "n_signal": 3000, "n_background": 3000, "image_size": 40, "epochs": 5,
         "batch_size": 32, "learning_rate": 0.001, "seed": 1, "base_model_uri": "",
         "mlflow_experiment": "top-tagging", "model_name": "top-tagger", "deploy_target": "none",
+        "max_auc_loss": 0.001, "calibration_jets": 300, "quantize_validation_jets": 500,
     }  # fmt: skip
     for name, default in expected.items():
         assert params[name]["defaultValue"] == default, name
@@ -83,8 +84,8 @@ def test_training_asks_for_the_gpu_pool(compiled: tuple[dict[str, Any], dict[str
     assert resources["accelerator"]["resourceCount"] == "1"
     assert k8s["exec-train"]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
     assert k8s["exec-train"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    others = ("exec-plan-shards", "exec-generate-shard", "exec-data", "exec-preprocess", "exec-evaluate",
-              "exec-register", "exec-deploy")  # fmt: skip
+    others = ("exec-plan-shards", "exec-generate-shard", "exec-data", "exec-preprocess", "exec-quantize",
+              "exec-evaluate", "exec-register", "exec-deploy")  # fmt: skip
     for other in others:
         assert "accelerator" not in spec["deploymentSpec"]["executors"][other]["container"].get("resources", {})
         assert "nodeSelector" not in k8s.get(other, {}) and "tolerations" not in k8s.get(other, {})
@@ -120,7 +121,7 @@ def test_only_the_data_steps_are_cached_and_retries_are_set(compiled: tuple[dict
     dag = spec["root"]["dag"]["tasks"]
     cached = {name: task.get("cachingOptions", {}).get("enableCache", False) for name, task in dag.items()}
     assert cached == {"plan-shards": True, "for-loop-1": False, "data": True, "preprocess": True, "train": False,
-                      "evaluate": False, "register": False, "deploy": False}  # fmt: skip
+                      "quantize": False, "evaluate": False, "register": False, "deploy": False}  # fmt: skip
     # The loop's tasks (the shards' generation) are cached as well: same seed, same jets.
     (loop,) = [name for name, task in dag.items() if "parameterIterator" in task]
     inner = spec["components"][dag[loop]["componentRef"]["name"]]["dag"]["tasks"]

@@ -19,7 +19,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--signal", "60", "--background", "60", "--workers", "1", "--image-size", "32", "--epochs", "1",
-        "--max-steps-per-epoch", "2", "--batch-size", "16", "--bootstrap", "20", "--deploy", "none"]  # fmt: skip
+        "--max-steps-per-epoch", "2", "--batch-size", "16", "--bootstrap", "20", "--deploy", "none",
+        # A gate loose enough that NNCF ranks no layer of a 2-step network (minutes on 2 cores).
+        "--max-auc-loss", "0.5", "--calibration-jets", "32", "--quantize-validation-jets", "40"]  # fmt: skip
 
 
 def run_pipeline(tmp: Path, *extra: str, tracking: str | None = None) -> tuple[subprocess.CompletedProcess, Any]:
@@ -131,7 +133,7 @@ def test_the_champion_loads_without_pickle(two_runs: tuple, client: Any, tmp_pat
 def test_second_run_uses_the_cache_and_makes_one_new_version(two_runs: tuple, client: Any) -> None:
     _, (first, second), _ = two_runs
     assert first["cached"] == [] and second["cached"] == ["data", "preprocess"]
-    assert set(second["steps"]) == {"train", "evaluate", "register", "deploy"}
+    assert set(second["steps"]) == {"train", "quantize", "evaluate", "register", "deploy"}
     assert second["data"]["dataset_sha256"] == first["data"]["dataset_sha256"]
     assert second["version"] == "2" and second["run_id"] != first["run_id"]
     versions = client.search_model_versions("name = 'top-tagger'")
@@ -176,6 +178,9 @@ def test_bad_parameters_are_refused_before_any_task(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == "error: lr must be > 0, got -1.0"
     result, _ = run_pipeline(tmp_path, "--dataset", str(tmp_path / "missing.h5"))
     assert result.stderr.strip().splitlines()[-1] == f"error: --dataset {tmp_path / 'missing.h5'}: no such file"
+    result, _ = run_pipeline(tmp_path, "--max-auc-loss", "2")
+    expected = "error: max_auc_loss must be in [0, 1) (an AUC difference, e.g. 0.001), got 2.0"
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == expected
 
 
 @pytest.mark.slow

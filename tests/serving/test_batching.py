@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from serving.batching import BatcherClosed, DynamicBatcher, QueueFull
+from serving.batching import BACKEND, CANCELED, OTHER, REJECTED, BatcherClosed, DynamicBatcher, QueueFull
 
 
 def row_sums(batch: np.ndarray) -> np.ndarray:
@@ -106,6 +106,70 @@ def test_full_queue_answers_at_once() -> None:
     assert answered == 4 and failed == 1
 
 
+def test_pending_count_is_what_waits_and_not_what_runs() -> None:
+    """Triton's nv_inference_pending_request_count: accepted, not yet executing; right at any moment."""
+    started, release = threading.Event(), threading.Event()
+
+    def held(batch: np.ndarray) -> np.ndarray:
+        started.set()
+        release.wait(30)
+        return row_sums(batch)
+
+    async def scenario() -> list[int]:
+        batcher = DynamicBatcher(held, max_batch_size=1, max_latency_ms=0, max_queue=10)
+        seen = [batcher.pending_count]
+        calls = [asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32))) for _ in range(3)]
+        await asyncio.to_thread(started.wait, 30)  # the first runs on the device, two wait
+        seen.append(batcher.pending_count)
+        release.set()
+        await asyncio.gather(*calls)
+        seen.append(batcher.pending_count)
+        await batcher.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [0, 2, 0]
+
+
+def test_failures_are_counted_by_triton_reason() -> None:
+    """REJECTED (queue full), BACKEND (the batch raised), CANCELED (caller gone), OTHER (shut down)."""
+    release = threading.Event()
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        release.wait(30)
+        if batch[0, 0] < 0:
+            raise RuntimeError("the device failed")
+        return row_sums(batch)
+
+    async def scenario() -> dict[str, int]:
+        batcher = DynamicBatcher(model, max_batch_size=1, max_latency_ms=0, max_queue=2)
+        running = asyncio.ensure_future(batcher.submit(-np.ones((1, 1), np.float32)))  # fails in the backend
+        await asyncio.sleep(0)
+        gone = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32)))
+        kept = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32)))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await batcher.submit(np.ones((1, 1), np.float32))
+        gone.cancel()  # its caller gave up while it was queued
+        release.set()
+        with pytest.raises(RuntimeError, match="device failed"):
+            await running
+        await kept
+        stuck = threading.Event()
+        batcher.run_batch = lambda batch: stuck.wait(30) and row_sums(batch)
+        blocked = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32)))
+        queued = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32)))
+        await asyncio.sleep(0)
+        batcher.shutdown("stopping")  # both callers are answered with BatcherClosed
+        stuck.set()
+        for call in (blocked, queued):
+            with pytest.raises(BatcherClosed):
+                await call
+        return dict(batcher.stats.failures)
+
+    failures = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    assert failures == {REJECTED: 1, BACKEND: 1, CANCELED: 1, OTHER: 2}
+
+
 def test_a_failing_batch_fails_only_its_callers_and_the_batcher_keeps_going() -> None:
     def sometimes(batch: np.ndarray) -> np.ndarray:
         if (batch < 0).any():
@@ -133,7 +197,7 @@ def test_statistics_count_rows_and_batches() -> None:
     stats = asyncio.run(scenario()).stats
     assert stats.inference_count == 8
     assert stats.success_count == 8
-    assert stats.execution_count == sum(count for count, _ in stats.batch_sizes.values())
+    assert stats.execution_count == sum(sized.count for sized in stats.batch_sizes.values())
     assert stats.execution_count < 8
     assert set(stats.batch_sizes) <= {1, 2, 3, 4}
 

@@ -52,3 +52,18 @@ def test_upstream_stop_stops_the_grpc_server_it_finds_on_the_instance() -> None:
     source = inspect.getsource(ModelServer.stop)
     assert "self._grpc_server" in source and ".stop(sig)" in source
     assert "self.servers" in inspect.getsource(ModelServer._serve)
+
+
+def test_the_drain_can_take_the_signals_from_upstream_and_uvicorn() -> None:
+    """serving.server's drain overrides ``register_signal_handler``, which upstream's start() calls after it
+    built its REST server and before the event loop runs, and switches off uvicorn's own capture
+    (``Server.capture_signals``, looked up on the instance in ``serve``)."""
+    import uvicorn
+    from kserve.protocol.rest.server import RESTServer
+
+    start = inspect.getsource(ModelServer.start)
+    built, registered, run = (start.index(s) for s in ("RESTServer(", "self.register_signal_handler()", "asyncio.run("))
+    assert built < registered < run
+    assert "self._server = " in inspect.getsource(RESTServer.__init__)
+    assert "with self.capture_signals():" in inspect.getsource(uvicorn.Server.serve)
+    assert "self.should_exit" in inspect.getsource(uvicorn.Server.main_loop) + inspect.getsource(uvicorn.Server.on_tick)

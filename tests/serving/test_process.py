@@ -91,7 +91,10 @@ def champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_local_deploy_serves_the_champion_over_v2(champion: str) -> None:
     model_uri = resolve(champion)  # as the CLI does
     assert model_uri.startswith("file://") and model_uri.endswith("/model")
-    with start_local(model_uri, http_port=free_port(), grpc_port=free_port(), timeout_s=300) as predictor:
+    extra = ["--metrics-port", str(free_port())]  # not Triton's 8002: other servers may be running here
+    with start_local(
+        model_uri, http_port=free_port(), grpc_port=free_port(), extra_args=extra, timeout_s=300
+    ) as predictor:
         with urllib.request.urlopen(f"{predictor.url}/v2/models/top-tagger", timeout=10) as response:
             metadata = json.load(response)
         spec = metadata["inputs"][0]  # the predictor accepts any one of its listed inputs

@@ -242,7 +242,7 @@ def test_no_secret_in_any_answer_or_log_line(source: str) -> None:
         MODEL_URIS[source],
         http_port=free_port(),
         grpc_port=free_port(),
-        extra_args=["--threads", "1", "--log-level", "DEBUG", "--model-control", "explicit"],
+        extra_args=["--threads", "1", "--log-level", "DEBUG", "--model-control", "explicit", "--metrics-port", "0"],
         env=ENV,
         timeout_s=180,
         wait_ready=False,

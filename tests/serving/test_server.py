@@ -20,7 +20,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from serving.backends import TorchBackend
 from serving.client import InferenceFailed, RetryPolicy, TaggerClient
-from tests.predictor import IMAGE_SIZE, Server, start_server, stop_server
+from tests.predictor import IMAGE_SIZE, Server, scrape, start_server, stop_server
 from tests.tolerances import gamma, tagger_probability_bound
 from toptagger.jets.dataset import JetBatch
 
@@ -373,10 +373,30 @@ def test_metrics_and_request_ids(server: Server) -> None:
         'toptagger_requests_total{protocol="grpc"',
         "toptagger_request_latency_seconds_bucket",
         "toptagger_batch_size_bucket",
-        "toptagger_queue_depth",
+        "toptagger_queue_depth 0.0",  # read from the batchers at the scrape: nothing waits now
+        "toptagger_requests_in_flight 0.0",
         "toptagger_compute_seconds_bucket",
     ):
         assert name in text, name
+
+
+def test_triton_metrics_port_counts_what_model_statistics_counts(server: Server) -> None:
+    """``--metrics-port``: Triton's nv_inference_* families, the same counts as ModelStatistics (one owner)."""
+    answer = httpx.post(f"{server.url}{INFER}", json={"inputs": [as_json_input("images", IMAGE)]}, timeout=30)
+    assert answer.status_code == 200
+    scraped = scrape(server)
+    (entry,) = httpx.get(f"{server.url}/v2/models/top-tagger/stats", timeout=30).json()["model_stats"]
+    labels = 'model="top-tagger",version="1"'
+    stats = entry["inference_stats"]
+    assert scraped[f"nv_inference_request_success{{{labels}}}"] == stats["success"]["count"] > 0
+    assert scraped[f"nv_inference_count{{{labels}}}"] == entry["inference_count"]
+    assert scraped[f"nv_inference_exec_count{{{labels}}}"] == entry["execution_count"]
+    failures = sum(value for key, value in scraped.items() if key.startswith("nv_inference_request_failure{"))
+    assert failures == stats["fail"]["count"]
+    for family, part in (("request", "success"), ("queue", "queue"), ("compute_infer", "compute_infer")):
+        name = f"nv_inference_{family}_duration_us"
+        assert scraped[f"{name}{{{labels}}}"] == pytest.approx(stats[part]["ns"] / 1000, rel=1e-12)
+    assert scraped[f"nv_inference_pending_request_count{{{labels}}}"] == 0
 
 
 # --- faults ------------------------------------------------------------------------------------
@@ -391,6 +411,12 @@ def test_unloadable_model_leaves_server_up_but_not_ready(tmp_path: Path) -> None
         assert "no such file or folder" in ready.json()["reason"]
         assert httpx.get(f"{server.url}/v2/models/top-tagger/ready").status_code == 503
         assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+        with grpc.insecure_channel(server.grpc_target) as channel:  # gRPC says what REST says
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready is False
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live is True
+        # Triton's metrics are there at zero although the model never loaded.
+        assert set(scrape(server).values()) == {0.0}
         infer = rest_json(server, {"inputs": [as_json_input("images", IMAGE)]})
         assert infer.status_code == 503
         assert "no such file or folder" in server.log_text()

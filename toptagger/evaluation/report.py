@@ -32,8 +32,39 @@ def _png(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def write_report(path: Path, result: dict[str, Any], folder: Path) -> None:
-    """A self-contained HTML page (images inlined): the KFP UI shows it as the step's visualization."""
+def precision_table(admission: dict[str, Any]) -> str:
+    """The precisions' table of the report: numbers on the test jets and the gate's decision."""
+    ref = admission["reference"]
+    rows = [("torch/fp32 (reference)", ref, "—", "—")]
+    rows += [
+        (key, d, "—" if d.get("max_probability_difference") is None else f"{d['max_probability_difference']:.2e}",
+         ("admitted" if d["admitted"] else "refused") + f": {d['reason']}")
+        for key, d in admission["precisions"].items()
+    ]  # fmt: skip
+
+    def cells(d: dict[str, Any]) -> str:
+        if d.get("auc") is None:  # not measured (its reason is in the gate column)
+            return "<td>—</td><td>—</td>"
+        rejection = format_metric(d.get("rejection_0.3"), d.get("rejection_0.3_error"))
+        return f"<td>{format_metric(d['auc'], d.get('auc_error'))}</td><td>{rejection}</td>"
+
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td>{cells(d)}<td>{dp}</td><td>{html.escape(decision)}</td></tr>"
+        for name, d, dp, decision in rows
+    )
+    return (
+        f"<h3>Precisions (gate: AUC loss ≤ {admission['max_auc_loss']:g} against torch fp32; "
+        f"measured on {html.escape(admission['measured_on'])})</h3>"
+        "<table border='1' cellpadding='4'><tr><th>runtime/precision</th><th>AUC</th><th>1/εB at εS = 0.3</th>"
+        f"<th>largest |Δp| vs torch fp32</th><th>gate</th></tr>{body}</table>"
+    )
+
+
+def write_report(path: Path, result: dict[str, Any], folder: Path, admission: dict[str, Any] | None = None) -> None:
+    """A self-contained HTML page (images inlined): the KFP UI shows it as the step's visualization.
+
+    ``admission``: the precisions' numbers and the gate's decision (``precision.json``), as one table.
+    """
     net, base = result["network"], result["mass_window"]
     rows = [("AUC", "auc"), *((f"1/εB at εS = {e}", f"rejection_{e}") for e in SIGNAL_EFFICIENCIES)]
     body = "".join(
@@ -47,6 +78,7 @@ def write_report(path: Path, result: dict[str, Any], folder: Path) -> None:
         f"<h2>Test set: {result['n_top']} top + {result['n_qcd']} QCD jets</h2>"
         "<table border='1' cellpadding='4'><tr><th></th><th>ResNet-50</th><th>mass window</th></tr>"
         f"{body}</table><p>± = standard deviation over {result['bootstrap_replicas']} bootstrap replicas.</p>"
+        f"{precision_table(admission) if admission else ''}"
         f"<img alt='ROC' src='data:image/png;base64,{_png(folder / ROC_FILE)}'>"
         f"<img alt='scores' src='data:image/png;base64,{_png(folder / SCORES_FILE)}'>"
         f"<p>Full numbers: {METRICS_FILE} in the evaluation artifact.</p></body></html>\n"

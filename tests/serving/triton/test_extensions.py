@@ -148,11 +148,14 @@ def test_statistics_count_rows_batches_requests_and_batch_sizes(
     assert stats.success.count == 6  # requests answered
     assert stats.fail.count == 1
     assert stats.queue.count == 6
-    assert stats.compute_infer.count == 4
-    # Durations are sums of the same measurements: success = queue + compute, and the compute
-    # time of each batch size adds up to the total (no assertion on how long anything took).
-    assert stats.success.ns == stats.queue.ns + stats.compute_infer.ns
-    assert sum(b.compute_infer.ns for b in entry.batch_stats) == stats.compute_infer.ns
+    # As Triton counts them: compute per request (a batch's time once for each of its requests) ...
+    assert stats.compute_input.count == stats.compute_infer.count == stats.compute_output.count == 6
+    # ... and per execution in batch_stats. Durations come from the same clock readings, so a request
+    # lasts at least its queue wait and its batch's compute (no assertion on how long anything took).
+    parts = stats.queue.ns + stats.compute_input.ns + stats.compute_infer.ns + stats.compute_output.ns
+    assert stats.success.ns >= parts > 0
+    per_execution = sum(b.compute_infer.ns for b in entry.batch_stats)
+    assert 0 < per_execution < stats.compute_infer.ns  # the batch of three requests counts three times
     assert [(b.batch_size, b.compute_infer.count) for b in entry.batch_stats] == [(2, 1), (3, 2), (4, 1)]
     assert entry.last_inference > 0  # milliseconds since the epoch of the last batch
 
@@ -164,6 +167,10 @@ def test_statistics_add_up_both_input_queues(fresh_tagger: TopTagger, eight_jets
     assert (entry.inference_count, entry.execution_count) == (5, 1)
     assert model.batchers["images"].stats.execution_count == 0
     assert [(b.batch_size, b.compute_infer.count) for b in entry.batch_stats] == [(5, 1)]
+    # One request in one batch: per request and per execution are the same measurement.
+    (only,) = entry.batch_stats
+    assert only.compute_input.ns == entry.inference_stats.compute_input.ns > 0  # the constituents' rendering
+    assert only.compute_infer.ns == entry.inference_stats.compute_infer.ns > 0
 
 
 # --- the RPC handlers ----------------------------------------------------------------------------
