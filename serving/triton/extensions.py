@@ -34,6 +34,10 @@ def model_config(model: TopTagger) -> model_config_pb2.ModelConfig:
     # whose FPGA is missing) clients and operators see the truth here.
     backend = model.backend.kind if model.backend is not None else model.backend_name
     config = model_config_pb2.ModelConfig(name=model.name, platform=PLATFORM, backend=backend)
+    served = model.backend
+    if served is not None:  # what --backend/--precision auto picked, as Triton models show settings
+        config.parameters["precision"].string_value = getattr(served, "precision", "fp32")
+        config.parameters["selection"].string_value = getattr(served, "selection", served.description)
     contract = model.contract
     if contract is None:
         return config

@@ -124,11 +124,16 @@ def model_infer(
 def refused_by(
     servicer: TaggerServicer, request: pb.ModelInferRequest, metadata: tuple[tuple[str, str], ...] = ()
 ) -> RecordingContext:
-    """Run ``ModelInfer``, which must refuse (a status set, no exception: see the module docstring);
+    """Run ``ModelInfer``, which must refuse (a status set, no exception: see the module docstring;
+    UNAVAILABLE alone is an abort, the trailers-only answer Envoy retries on another replica);
     return the context holding the status it sent."""
     recording = RecordingContext(metadata)
-    response = model_infer(servicer, request, recording)
-    assert recording.code not in (None, grpc.StatusCode.OK)
+    try:
+        response = model_infer(servicer, request, recording)
+    except grpc.aio.AbortError:
+        assert recording.code == grpc.StatusCode.UNAVAILABLE, f"only UNAVAILABLE aborts, got {recording.code}"
+        return recording
+    assert recording.code not in (None, grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)
     assert not response.outputs, "a refusal carries no outputs"
     return recording
 

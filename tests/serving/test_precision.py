@@ -78,6 +78,20 @@ def test_auto_picks_an_admitted_precision_and_says_so(admitted_model: Path, quic
     assert "onnxruntime/int8" not in backend.selection  # refused by the gate: never measured
 
 
+def test_model_config_names_the_precision_auto_picked(admitted_model: Path, quick_auto: None) -> None:
+    from serving.predictor import TopTagger
+    from serving.triton.extensions import model_config
+
+    tagger = TopTagger(str(admitted_model), backend="auto", precision="auto")
+    tagger.load()
+    try:
+        parameters = model_config(tagger).parameters
+        assert parameters["precision"].string_value == tagger.backend.precision
+        assert "(auto, fastest in img/s" in parameters["selection"].string_value
+    finally:
+        tagger.stop()
+
+
 def test_auto_on_a_version_without_quantized_graphs_serves_fp32(onnx_model_dir: Path, quick_auto: None) -> None:
     backend = load_backend(str(onnx_model_dir), "openvino", precision="auto")
     assert (backend.kind, backend.precision) == ("openvino", "fp32")
