@@ -371,9 +371,9 @@ def plot(points: list[Point], out: Path) -> Path:
     for setup, style in (("direct", "s-"), ("envoy x1", "o-"), ("envoy x2", "^-")):
         group = sorted((p for p in points if p.setup == setup), key=lambda p: p.clients)
         ax.plot([p.clients for p in group], [p.rows_per_s for p in group], style, label=_label(setup))
-    for p in points:
-        if "+" in p.setup:
-            ax.plot([p.clients], [p.rows_per_s], "x", label=_label(p.setup) if p.clients == 1 else None)
+    for setup in sorted({p.setup for p in points if "+" in p.setup}, key=lambda name: float(name.split("+")[1][:-3])):
+        group = sorted((p for p in points if p.setup == setup), key=lambda p: p.clients)
+        ax.plot([p.clients for p in group], [p.rows_per_s for p in group], "x:", label=_label(setup))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("simultaneous clients (batch 1 each)")
     ax.set_ylabel("jets / s")
