@@ -40,6 +40,7 @@ from benchmarks.common import machine
 from benchmarks.measure import percentiles, sample_inputs
 from serving.backends import load_backend
 from serving.client import InferenceFailed, RetryPolicy, TaggerClient
+from toptagger.cli import non_negative_float
 from toptagger.constants import MODEL_NAME
 from toptagger.resources import cpu_limit
 
@@ -438,12 +439,10 @@ def add_arguments(parser: Any) -> None:
 
 
 def _floats(text: str) -> Sequence[float]:
+    """argparse type: comma-separated numbers >= 0."""
     import argparse
 
-    try:
-        values = [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"values must be >= 0, got {text!r}")
+    values = [non_negative_float(v) for v in text.split(",") if v]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
     return values

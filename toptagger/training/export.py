@@ -16,7 +16,6 @@ a reader never sees half of it: what a TrainJob's rank 0 leaves for the pipeline
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -71,13 +70,7 @@ def export_to(uri: str, folder: Path, summary: dict[str, Any], image_size: int) 
     try:
         export(folder, staging, image_size)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(staging, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, final)
+        storage.replace_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
