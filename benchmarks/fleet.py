@@ -142,7 +142,6 @@ def index_lists_model(target: str) -> bool:
 def admission(fleet: Fleet, image: np.ndarray, clients: int, timeout_s: float) -> dict[str, Any]:
     """Load the fleet until RepositoryIndex refuses, then stop and time its return."""
     stop = threading.Event()
-    metric: list[float | None] = []
 
     def load() -> None:
         async def loop() -> None:
@@ -185,7 +184,7 @@ def admission(fleet: Fleet, image: np.ndarray, clients: int, timeout_s: float) -
         if not index_lists_model(fleet.grpc_target):
             refused = time.perf_counter() - start
         time.sleep(0.2)
-    metric.append(fleet.server_load_ms())
+    when_refused = fleet.server_load_ms()
     stop.set()
     worker.join(timeout=60)
     stopped = time.perf_counter()
@@ -204,7 +203,7 @@ def admission(fleet: Fleet, image: np.ndarray, clients: int, timeout_s: float) -
         "clients": clients,
         "metric_crossed_after_s": crossed,
         "refused_after_s": refused,
-        "metric_when_refused_ms": metric[0],
+        "metric_when_refused_ms": when_refused,
         "metric_fell_after_s": fell,
         "listed_again_after_s": listed,
     }

@@ -129,7 +129,9 @@ class TaggerServicer(InferenceServicer):
             # Draining or not ready: context.abort(), whose answer is "trailers-only" (the status in
             # the response headers), the only form in which Envoy's `retry_on: unavailable` sees it
             # and retries on another replica; set_code() sends headers first and the status in the
-            # trailers. Rare (once per shutdown), so the cycle below does not matter here.
+            # trailers. Its cost is the cycle described below, freed at the next cyclic collection
+            # rather than at once: acceptable for a drain (once per shutdown) and for a replica that
+            # is not ready, which the proxy's health checks take out of rotation within seconds.
             await context.abort(refused.code, redact(refused.message))
         if refused is not None:
             # A status, not context.abort(): grpc keeps the abort's exception in the call's state,
