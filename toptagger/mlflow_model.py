@@ -39,17 +39,41 @@ NUMPY_TYPES = {"FP32": np.float32}
 
 
 def model_signature(tagger: TaggerConfig) -> Any:
-    """The MLflow signature of the served tensors (:class:`toptagger.signature.Signature`), batch axis -1."""
+    """The MLflow signature of the served tensors (:class:`toptagger.signature.Signature`): both inputs optional.
+
+    MLflow's tensor specs are always required, so the inputs are column specs with ``required=False``:
+    arrays nested as deep as the tensors, batch axis included, of any element (MLflow checks a
+    float32 element by casting JSON's float64, which it refuses as unsafe); the shapes and dtypes
+    are in the model's metadata (:func:`model_metadata`). The output stays a tensor spec, batch axis -1.
+
+    The signature is marked as one that the model checks itself, as MLflow marks those it infers
+    from ``predict``'s type hints: MLflow then hands each call to ``predict`` as it is
+    (:func:`toptagger.mlflow_pyfunc.served_inputs` checks it). MLflow's own check would refuse a
+    bare ``[N, 200, 4]`` array (it makes a DataFrame of it) and turn a dict into a DataFrame.
+    """
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, Schema
     from mlflow.types.schema import TensorSpec as MlflowTensorSpec
 
-    def schema(specs: tuple[TensorSpec, ...]) -> Schema:
-        dtype = np.dtype(NUMPY_TYPES[DATATYPE])
-        return Schema([MlflowTensorSpec(dtype, (-1, *spec.dims), spec.name) for spec in specs])
+    def nested(spec: TensorSpec) -> Any:
+        element: Any = AnyType()
+        for _ in range(len(spec.dims) + 1):
+            element = Array(element)
+        return element
 
+    dtype = np.dtype(NUMPY_TYPES[DATATYPE])
     served = Signature.of(tagger)
-    return ModelSignature(inputs=schema(served.inputs), outputs=schema(served.outputs))
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(nested(spec), spec.name, required=False) for spec in served.inputs]),
+        outputs=Schema([MlflowTensorSpec(dtype, (-1, *spec.dims), spec.name) for spec in served.outputs]),
+    )
+    signature._is_signature_from_type_hint = True  # MLmodel's is_signature_from_type_hint: predict checks
+    return signature
+
+
+def model_metadata(tagger: TaggerConfig) -> dict[str, Any]:
+    """The MLflow Model's ``metadata``: the served tensors with their shapes, as the v2 protocol states them."""
+    return {"tensors": Signature.of(tagger).to_dict()}
 
 
 def served_constituents(constituents: np.ndarray) -> np.ndarray:
@@ -140,7 +164,10 @@ def log_tagger(run_id: str, model_dir: str | Path, example_jets: np.ndarray) -> 
         artifacts={MLFLOW_TAGGER_ARTIFACT: str(model_dir)},
         code_paths=[str(LIBRARY)],
         signature=model_signature(tagger),
-        input_example=input_example(tagger, example_jets),
+        metadata=model_metadata(tagger),
+        # As nested lists: MLflow would read an example of arrays back through the signature as
+        # float64 arrays, which predict refuses; lists come back as they are, read as float32.
+        input_example={name: array.tolist() for name, array in input_example(tagger, example_jets).items()},
         pip_requirements=requirements(),
     )
     return str(created.model_id)

@@ -6,20 +6,26 @@ from the safetensors weights and ``tagger.json`` among the MLflow Model's artifa
 (:func:`toptagger.model.load_model`), so it renders constituents with the image options it was
 trained with.
 
-Call pattern. The signature names both served tensors (:mod:`toptagger.signature`), and MLflow
-requires every named tensor of a tensor signature in each call, so a call passes a dict holding
-both; the one not used holds zero rows::
+Call pattern. Jets as constituents, float32 ``[N, 200, 4]`` (E, px, py, pz), alone or by name; jet
+images ``[N, C, S, S]`` by name; or both, in one dict::
 
     model = mlflow.pyfunc.load_model("models:/top-tagger@champion")
-    images = model.metadata.get_input_schema().input_dict()["images"].shape   # (-1, C, S, S)
-    model.predict({"constituents": jets, "images": np.zeros((0, *images[1:]), np.float32)})
+    model.predict(jets)                                     # constituents [N, 200, 4]
+    model.predict({"constituents": jets})
+    model.predict({"images": images})                       # [N, C, S, S], the model's C and S
+    model.predict({"images": images, "constituents": jets})
 
 The result is float32 ``[N, 2]`` probabilities (qcd, top): one row per image, then one row per jet
-of constituents. Over the v2 protocol (KServe's MLflow runtime) the unused input is a tensor of
-shape ``[0, ...]``, which v2 can state (not tried here: no MLServer in this environment). MLflow's
-own JSON format (``mlflow models serve``) cannot: ``[]`` parses as shape ``(0,)``, which the
-signature refuses, so there both inputs need rows. This module is not on the predictor's import
-path (the predictor reads the same files through :func:`toptagger.model_uri.fetch_model_dir`).
+of constituents. The signature names both inputs as optional (``required=False``; MLflow's tensor
+specs cannot be optional, so they are column specs of nested arrays) and the shapes and dtype are in
+the model's metadata (``model.metadata.metadata["tensors"]``, from :mod:`toptagger.signature`).
+This module checks each call itself (:func:`served_inputs`): MLflow's own schema check would refuse
+a bare array and turn a dict into a DataFrame. Arrays of another dtype are cast to float32 where
+numpy casts safely; nested lists (JSON) are read as float32. Anything else raises a
+:class:`toptagger.errors.DataError` that names the input and what is wrong with it. Over
+``mlflow models serve`` the request is ``{"inputs": ...}`` holding any of the forms above as lists.
+This module is not on the predictor's import path (the predictor reads the same files through
+:func:`toptagger.model_uri.fetch_model_dir`).
 """
 
 from __future__ import annotations
@@ -32,9 +38,54 @@ from mlflow.pyfunc import PythonModel
 
 from toptagger.errors import DataError
 from toptagger.model_uri import MLFLOW_TAGGER_ARTIFACT
-from toptagger.signature import CONSTITUENTS, IMAGES
+from toptagger.signature import CONSTITUENTS, IMAGES, Signature, TensorSpec
 
 BATCH_SIZE = 256  # images per forward pass, as score_jets batches constituents
+
+
+def _shape(spec: TensorSpec) -> str:
+    return "[" + ", ".join(["N", *(str(d) for d in spec.dims)]) + "]"
+
+
+def _tensor(spec: TensorSpec, value: Any) -> np.ndarray:
+    """``value`` as the float32 tensor ``spec`` names, or a DataError saying why it is not one."""
+    what = f"{spec.name!r} must be float32 {_shape(spec)}" + (f" ({', '.join(spec.columns)})" if spec.columns else "")
+    if isinstance(value, (list, tuple)):  # JSON (mlflow models serve) has lists, not arrays
+        try:
+            value = np.asarray(value, np.float32)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{what}: its nested lists are not a rectangular array of numbers ({e})") from None
+    if not isinstance(value, np.ndarray):
+        raise DataError(f"{what}, got {type(value).__name__}")
+    if not np.can_cast(value.dtype, np.float32, "safe"):
+        raise DataError(f"{what}: dtype {value.dtype} does not cast safely to float32")
+    dims = value.shape[1:]
+    if value.ndim != len(spec.dims) + 1 or any(d not in (-1, got) for d, got in zip(spec.dims, dims, strict=True)):
+        raise DataError(f"{what}, got shape {list(value.shape)}")
+    return np.require(value, np.float32, ["C"])
+
+
+def served_inputs(signature: Signature, model_input: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(images, constituents) of a call, each checked against ``signature`` (None where not given)."""
+    specs = {spec.name: spec for spec in signature.inputs}
+    if not isinstance(model_input, dict):  # a bare array: constituents
+        if isinstance(model_input, (np.ndarray, list, tuple)):
+            try:
+                return None, _tensor(specs[CONSTITUENTS], model_input)
+            except DataError as e:
+                raise DataError(
+                    f"a bare array is read as {CONSTITUENTS!r} (pass images as {{{IMAGES!r}: ...}}): {e}"
+                ) from None
+        raise DataError(
+            f"the top tagger takes an array of constituents or a dict of arrays named {IMAGES!r} and/or "
+            f"{CONSTITUENTS!r}, got {type(model_input).__name__}"
+        )
+    if unknown := sorted(map(str, set(model_input) - set(specs))):
+        raise DataError(f"unknown inputs {unknown}: the top tagger takes {IMAGES!r} and/or {CONSTITUENTS!r}")
+    given = {name: _tensor(specs[name], value) for name, value in model_input.items() if value is not None}
+    if not given:
+        raise DataError(f"no input: give {IMAGES!r}, {CONSTITUENTS!r} or both")
+    return given.get(IMAGES), given.get(CONSTITUENTS)
 
 
 class TopTaggerPyfunc(PythonModel):
@@ -47,13 +98,8 @@ class TopTaggerPyfunc(PythonModel):
 
     # No type hints: MLflow would read them as a second signature (and warn that it cannot).
     def predict(self, context, model_input, params=None):
-        if not isinstance(model_input, dict):
-            raise DataError(
-                f"the top tagger takes a dict of arrays named {IMAGES!r} and {CONSTITUENTS!r}, "
-                f"got {type(model_input).__name__}"
-            )
-        parts = [self._images(model_input.get(IMAGES)), self._constituents(model_input.get(CONSTITUENTS))]
-        return np.concatenate(parts).astype(np.float32)
+        images, constituents = served_inputs(Signature.of(self.tagger.config), model_input)
+        return np.concatenate([self._images(images), self._constituents(constituents)]).astype(np.float32)
 
     def _images(self, images: np.ndarray | None) -> np.ndarray:
         import torch

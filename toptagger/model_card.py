@@ -43,7 +43,6 @@ def _tensors(signature: Signature) -> list[str]:
 def model_description(tagger: TaggerConfig) -> str:
     """The registered model's description; the shapes are those of ``tagger`` (each version's signature has its own)."""
     signature = Signature.of(tagger)
-    no_images = ", ".join(["0", *(str(d) for d in _inputs(signature)[IMAGES].dims)])
     return "\n".join(
         [
             "ResNet-50 top-quark jet tagger on jet images: tells hadronic top-quark jets from QCD jets "
@@ -52,14 +51,14 @@ def model_description(tagger: TaggerConfig) -> str:
             "Inputs (the latest version's shapes; each version's signature has its own image size):",
             *_tensors(signature),
             "",
-            "Load it with MLflow (no pickle: a pyfunc from code, safetensors weights). MLflow asks for every "
-            "input of a tensor signature, so give the one you do not use zero rows; rows come back images first, "
-            "then constituents:",
+            "Load it with MLflow (no pickle: a pyfunc from code, safetensors weights). Both inputs are optional: "
+            "give constituents (alone, or by name), images, or both; rows come back images first, then constituents:",
             "",
             "```python",
             f'model = mlflow.pyfunc.load_model("{CHAMPION_URI}")',
-            f"no_images = np.zeros(({no_images}), np.float32)",
-            f'probabilities = model.predict({{"{CONSTITUENTS}": jets, "{IMAGES}": no_images}})',
+            f'probabilities = model.predict(jets)  # or {{"{CONSTITUENTS}": jets}}',
+            f'probabilities = model.predict({{"{IMAGES}": images}})',
+            f'probabilities = model.predict({{"{IMAGES}": images, "{CONSTITUENTS}": jets}})',
             "```",
             "",
             f"Serve it: `python -m serving --model-uri {CHAMPION_URI}` (KServe v2 / Triton gRPC), which reads the "

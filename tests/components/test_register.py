@@ -80,4 +80,5 @@ def test_a_registered_version_is_a_described_mlflow_model_and_a_retry_changes_no
     assert step_outputs["fit_jets"].metadata["dataset_sha256"] in text and "split seed 3" in text
     model_text = client.get_registered_model(MODEL_NAME).description
     assert "`constituents`: float32 [N, 200, 4], (E, px, py, pz)" in model_text
-    assert "`images`: float32 [N, 3, 32, 32]" in model_text and "np.zeros((0, 3, 32, 32), np.float32)" in model_text
+    assert "`images`: float32 [N, 3, 32, 32]" in model_text and "Both inputs are optional" in model_text
+    assert 'model.predict({"images": images})' in model_text and "model.predict(jets)" in model_text

@@ -65,9 +65,9 @@ def served_jets(small_jets: JetBatch) -> np.ndarray:
 
 
 def no_rows(pyfunc: Any, name: str) -> np.ndarray:
-    """The documented stand-in for the input a call does not use: zero rows of its shape."""
-    shape = pyfunc.metadata.get_input_schema().input_dict()[name].shape
-    return np.zeros((0, *shape[1:]), np.float32)
+    """Zero rows of an input's shape (the model's metadata states the shapes): the old stand-in for an unused input."""
+    (tensor,) = [t for t in pyfunc.metadata.metadata["tensors"]["inputs"] if t["name"] == name]
+    return np.zeros((0, *tensor["shape"][1:]), np.float32)
 
 
 def images_of(tagger: JetTagger, constituents: np.ndarray) -> np.ndarray:
@@ -103,31 +103,93 @@ def test_images_are_classified_as_their_jets_and_rows_come_images_first(
     assert_within_rounding(tagger, served_jets, both[:, 1], score_jets(tagger, served_jets))
 
 
-def test_a_call_without_every_named_input_is_refused_by_mlflow(pyfunc: Any, served_jets: np.ndarray) -> None:
-    from mlflow.exceptions import MlflowException
+def test_either_input_alone_or_a_bare_array_of_constituents_gives_the_two_input_calls_answers(
+    pyfunc: Any, tagger: JetTagger, served_jets: np.ndarray
+) -> None:
+    images = images_of(tagger, served_jets)
+    by_constituents = pyfunc.predict({CONSTITUENTS: served_jets, IMAGES: no_rows(pyfunc, IMAGES)})
+    by_images = pyfunc.predict({IMAGES: images, CONSTITUENTS: no_rows(pyfunc, CONSTITUENTS)})
+    for call, expected in [
+        (served_jets, by_constituents),  # a bare [N, 200, 4] array is constituents
+        ({CONSTITUENTS: served_jets}, by_constituents),
+        ({IMAGES: images}, by_images),
+        (served_jets.astype(np.float16), pyfunc.predict(served_jets.astype(np.float16).astype(np.float32))),
+        (served_jets[:3].tolist(), by_constituents[:3]),  # nested lists, as JSON gives them
+    ]:
+        answer = pyfunc.predict(call)
+        assert answer.dtype == np.float32
+        np.testing.assert_array_equal(answer, expected)
+    both = pyfunc.predict({IMAGES: images[:4], CONSTITUENTS: served_jets[4:]})
+    np.testing.assert_array_equal(both, np.concatenate([by_images[:4], by_constituents[4:]]))
 
-    with pytest.raises(MlflowException, match=r"Model is missing inputs \['images'\]"):
-        pyfunc.predict({CONSTITUENTS: served_jets})
-    with pytest.raises(MlflowException, match="does not match expected shape"):
-        pyfunc.predict({CONSTITUENTS: served_jets[:, :100], IMAGES: no_rows(pyfunc, IMAGES)})
+
+F32, F64 = np.float32, np.float64
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ({}, r"no input: give 'images', 'constituents' or both"),
+        ({CONSTITUENTS: None}, r"no input: give 'images', 'constituents' or both"),
+        ({"jets": 1, CONSTITUENTS: 2}, r"unknown inputs \['jets'\]: the top tagger takes 'images' and/or 'c"),
+        (np.zeros((2, 100, 4), F32), r"a bare array is read as 'constituents' \(pass images as \{'images': \.\.\.\}\): "
+         r"'constituents' must be float32 \[N, 200, 4\] \(E, px, py, pz\), got shape \[2, 100, 4\]"),
+        (np.zeros((2, 1, 32, 32), F32), r"a bare array is read as 'constituents'.*got shape \[2, 1, 32, 32\]"),
+        ({CONSTITUENTS: np.zeros((2, 200, 3), F32)}, r"'constituents' must be .*got shape \[2, 200, 3\]"),
+        ({IMAGES: np.zeros((2, 3, 16, 16), F32)}, r"'images' must be float32 \[N, \d+, 32, 32\], got shape \[2, 3, "),
+        ({CONSTITUENTS: np.zeros((2, 200, 4), F64)}, r"'constituents'.*: dtype float64 does not cast safely to"),
+        ({CONSTITUENTS: np.zeros((2, 200, 4), np.int64)}, r"dtype int64 does not cast safely to float32"),
+        ({IMAGES: np.array([["a"]])}, r"'images'.*: dtype <U1 does not cast safely to float32"),
+        ({CONSTITUENTS: [[[1.0, 2.0]], [[1.0]]]}, r"'constituents'.*: its nested lists are not a rectangular array of"),
+        ({CONSTITUENTS: "jets"}, r"'constituents' must be float32 \[N, 200, 4\] \(E, px, py, pz\), got str"),
+        ("jets", r"takes an array of constituents or a dict of arrays named 'images' and/or 'constituents', got str"),
+    ],
+)  # fmt: skip
+def test_wrong_inputs_are_named(pyfunc: Any, call: Any, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        pyfunc.predict(call)
+
+
+def test_mlflow_models_serve_takes_one_input_as_json(pyfunc: Any, served_jets: np.ndarray) -> None:
+    from mlflow.pyfunc import scoring_server
+
+    expected = pyfunc.predict(served_jets[:2])
+    for inputs in (served_jets[:2].tolist(), {CONSTITUENTS: served_jets[:2].tolist()}):
+        body = json.dumps({"inputs": inputs})
+        response = scoring_server.invocations(body, "application/json", pyfunc, None)
+        assert response.status == 200, response.response
+        np.testing.assert_array_equal(np.asarray(json.loads(response.response)["predictions"], np.float32), expected)
 
 
 def test_the_signature_is_the_served_tensors_and_the_example_is_a_real_jet_both_ways(
     pyfunc: Any, tagger: JetTagger, tmp_path: Path
 ) -> None:
     import mlflow
+    from mlflow.types.schema import AnyType, Array, ColSpec
 
     served = Signature.of(tagger.config)
     signature = pyfunc.metadata.signature
-    assert [(s.name, s.shape, str(s.type)) for s in signature.inputs.inputs] == [
-        (spec.name, (-1, *spec.dims), "float32") for spec in served.inputs
-    ]
+    # Both inputs optional (MLflow's tensor specs cannot be): arrays nested as deep as the tensors.
+    inputs = signature.inputs.inputs
+    assert all(isinstance(s, ColSpec) and s.required is False for s in inputs)
+    assert signature.inputs.optional_input_names() == [IMAGES, CONSTITUENTS] == [s.name for s in served.inputs]
+    depth = {s.name: 0 for s in inputs}
+    for s in inputs:
+        element = s.type
+        while isinstance(element, Array):
+            element, depth[s.name] = element.dtype, depth[s.name] + 1
+        assert isinstance(element, AnyType)  # float32: MLflow would refuse JSON's float64 for it
+    assert depth == {spec.name: 1 + len(spec.dims) for spec in served.inputs}
+    assert pyfunc.metadata.metadata["tensors"] == served.to_dict()  # shapes (batch axis -1) and FP32
+    assert pyfunc.metadata._is_signature_from_type_hint()  # predict checks each call: MLflow passes it as it is
     assert [(s.name, s.shape) for s in signature.outputs.inputs] == [("probabilities", (-1, 2))]
     local = fetch_model_dir(CHAMPION_URI, cache=tmp_path).parents[1]  # the MLflow Model around the tagger folder
-    example = mlflow.models.Model.load(local).load_input_example(str(local))
-    assert example[CONSTITUENTS].shape == (1, 200, 4) and example[IMAGES].shape == (1, *served.inputs[0].dims)
+    example = mlflow.models.Model.load(local).load_input_example(str(local))  # nested lists, as in JSON
+    arrays = {name: np.asarray(value, np.float32) for name, value in example.items()}
+    assert arrays[CONSTITUENTS].shape == (1, 200, 4) and arrays[IMAGES].shape == (1, *served.inputs[0].dims)
     twice = pyfunc.predict(example)  # the same jet as an image and as constituents
-    constituents = np.concatenate([example[CONSTITUENTS]] * 2)
+    np.testing.assert_array_equal(twice, pyfunc.predict(arrays))
+    constituents = np.concatenate([arrays[CONSTITUENTS]] * 2)
     assert_within_rounding(tagger, constituents, twice[:, 1], score_jets(tagger, constituents))
 
 
@@ -165,7 +227,7 @@ def test_mlflow_loads_the_model_without_this_checkout(pyfunc: Any, tagger: JetTa
     assert library == str(model / "code" / "toptagger" / "__init__.py")  # the copy inside the model
     example = pyfunc.metadata.load_input_example(str(model))
     expected = pyfunc.predict(example)  # the same code and weights, in another process (other threads)
-    constituents = np.concatenate([example[CONSTITUENTS]] * 2)
+    constituents = np.concatenate([np.asarray(example[CONSTITUENTS], np.float32)] * 2)
     assert_within_rounding(tagger, constituents, np.asarray(probabilities)[:, 1], expected[:, 1].astype(np.float64))
 
 
