@@ -29,6 +29,12 @@ IN_FLIGHT = Gauge(
     "toptagger_requests_in_flight",
     "Inference requests accepted and not yet answered, both protocols: what a drain waits for (read at scrape time)",
 )
+# Refused REST uploads (serving.discard): what clients sent after their answer, and how often
+# the server slowed such a client down; a steady rise names a client looping requests it is refused.
+DISCARDED_BYTES = Counter("toptagger_rest_discarded_bytes", "Bytes of refused REST uploads read and dropped")
+DISCARD_PAUSES = Counter(
+    "toptagger_rest_discard_pauses", "Times reading a refused REST upload paused to hold its rate to the bound"
+)
 QUEUE_WAIT = Histogram("toptagger_queue_wait_seconds", "Mean wait in the queue per batch", buckets=LATENCY_BUCKETS)
 COMPUTE = Histogram("toptagger_compute_seconds", "Model compute time per batch", buckets=LATENCY_BUCKETS)
 

@@ -42,7 +42,7 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from starlette.exceptions import HTTPException
 
-from serving import client_errors, metrics
+from serving import client_errors, discard, metrics
 from serving.control import ModelControl, ModelController
 from serving.control import install_rest as install_control_routes
 from serving.drain import Drain
@@ -80,15 +80,18 @@ class RestGuard:
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            await _send_json(send, 413, {"error": f"request body of {int(declared)} bytes exceeds {self.max_body}"})
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        if length is not None and length > self.max_body:
+            await _send_json(send, 413, {"error": f"request body of {length} bytes exceeds {self.max_body}"})
+            discard.throttle(receive, length)  # the upload it refused, at a bounded rate
             return
-        received = 0
+        received, body_done = 0, False
 
         async def capped_receive() -> dict:
-            nonlocal received
+            nonlocal received, body_done
             message = await receive()
             received += len(message.get("body", b""))
+            body_done = body_done or not message.get("more_body", False)
             if received > self.max_body:
                 raise _BodyTooLarge
             return message
@@ -118,6 +121,8 @@ class RestGuard:
         finally:
             if is_infer:
                 self.drain.leave()
+        if length is not None and not body_done and received < length:  # answered before its body was read
+            discard.throttle(receive, length - received)
         if is_infer:
             elapsed = time.perf_counter() - start
             metrics.REQUESTS.labels("rest", str(status)).inc()
@@ -285,6 +290,24 @@ class TaggerDataPlane(DataPlane):
         (KServe says True whatever the models do, so a draining or unloaded server looked ready)."""
         models = self._model_registry.get_models().values()
         return bool(models) and all(model.ready for model in models)
+
+    def metadata(self) -> dict[str, Any]:
+        """KServe's server metadata plus what serves: REST ``GET /v2`` and gRPC ``ServerMetadata``.
+
+        gRPC's ``ServerMetadataResponse`` has only name, version and extensions, so the choice goes
+        into ``extensions`` as ``backend:<kind>`` and ``precision:<precision>`` (tritonclient's
+        ``get_server_metadata`` prints them; clients that look for an extension they know are
+        unaffected). The full choice, with auto's measurements, is the ``serving`` object, which a
+        JSON answer can carry. A model that is not ready adds nothing: nothing serves.
+        """
+        metadata = super().metadata()
+        models = self._model_registry.get_models().values()
+        served = next(filter(None, (getattr(model, "serving", None) for model in models)), None)
+        if served is not None:
+            choice = [f"backend:{served['backend']}", f"precision:{served['precision']}"]
+            metadata["extensions"] = [*metadata["extensions"], *choice]
+            metadata["serving"] = served
+        return metadata
 
 
 # --- gRPC ---------------------------------------------------------------------------------------
