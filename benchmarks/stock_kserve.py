@@ -4,6 +4,7 @@ This is what a KServe user gets without this project's server: ``kserve.Model.pr
 model once per request, with no batching, and KServe's default ``ModelServer``.
 
     python -m benchmarks.stock_kserve --model-uri DIR --http-port 8090 --grpc-port 8091 [--backend openvino]
+        [--precision int8]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=8090)
     parser.add_argument("--grpc-port", type=int, default=8091)
     parser.add_argument("--backend", default="torch", help="the runtime (serving.backends.BACKENDS)")
+    parser.add_argument("--precision", default="fp32", help="the runtime's precision (int8, bf16 where admitted)")
     args = parser.parse_args(argv)
     sys.argv = sys.argv[:1]  # KServe parses sys.argv at import time
 
@@ -35,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             super().__init__(MODEL_NAME)
 
         def load(self) -> bool:
-            self.backend = load_backend(args.model_uri, args.backend)
+            self.backend = load_backend(args.model_uri, args.backend, precision=args.precision)
             self.ready = True
             return True
 

@@ -41,7 +41,9 @@ class TritonPythonModel:
         from serving.backends import BACKENDS
 
         model_dir = Path(args["model_repository"]) / args["model_version"] / MODEL_FOLDER
-        self.backend = BACKENDS[parameters["backend"]](model_dir)
+        # A precision only where the repository names one (int8, bf16): else the backend's default.
+        precision = {"precision": parameters["precision"]} if "precision" in parameters else {}
+        self.backend = BACKENDS[parameters["backend"]](model_dir, **precision)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils

@@ -43,9 +43,14 @@ def model_config(
     max_queue_delay_us: int,
     python_path: str = "",
     checksums: dict[str, str] | None = None,
+    precision: str | None = None,
 ) -> str:
     """``config.pbtxt``: both inputs optional (a request sends one of them), CPU instance, batching,
-    and the checksum agent's digests of the model files (Triton checks them before loading)."""
+    and the checksum agent's digests of the model files (Triton checks them before loading).
+
+    ``precision``: the backend's ``precision`` (``int8``: the version's quantized graph; ``bf16``:
+    OpenVINO's hint), refused by the backend at load unless the version admits it; None leaves the
+    backend's own default (``auto`` for the auto backend, fp32 for the others)."""
     inputs = ",\n".join(
         f'  {{ name: "{spec.name}" data_type: TYPE_FP32 dims: {list(spec.dims)} optional: true }}'
         for spec in signature.inputs
@@ -54,6 +59,8 @@ def model_config(
         f'  {{ name: "{spec.name}" data_type: TYPE_FP32 dims: {list(spec.dims)} }}' for spec in signature.outputs
     )
     parameters = {"backend": backend, "python_path": python_path}
+    if precision is not None:
+        parameters["precision"] = precision
     params = "\n".join(
         f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}' for key, value in parameters.items()
     )
@@ -73,6 +80,7 @@ def write_repository(
     max_batch_size: int = 16,
     max_queue_delay_us: int = 2000,
     python_path: str = "",
+    precision: str | None = None,
 ) -> Path:
     """Write the repository into ``out`` (replacing the tagger's folder there); returns ``out``."""
     if backend not in BACKENDS:
@@ -90,7 +98,8 @@ def write_repository(
     shutil.copytree(source, version / MODEL_FOLDER)
     shutil.copyfile(Path(__file__).with_name("model.py"), version / MODEL_FILE)
     checksums = model_checksums(version / MODEL_FOLDER)  # of the copy: what Triton will read
-    config = model_config(Signature.of(tagger), backend, max_batch_size, max_queue_delay_us, python_path, checksums)
+    signature = Signature.of(tagger)
+    config = model_config(signature, backend, max_batch_size, max_queue_delay_us, python_path, checksums, precision)
     (staging / "config.pbtxt").write_text(config)
     # Renamed into place whole: a Triton polling the repository never sees half a model.
     shutil.rmtree(model_root, ignore_errors=True)
@@ -110,9 +119,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=positive_int, default=16, help="Triton's max_batch_size")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher's queue delay")
     parser.add_argument("--python-path", default="", help="folder(s) to put on the model's sys.path (a checkout)")
+    parser.add_argument("--precision", help="the backend's --precision (int8, bf16: where the version admits it)")
     args = parser.parse_args(argv)
     out = write_repository(
-        args.model_uri, args.out, args.backend, args.max_batch_size, args.max_queue_delay_us, args.python_path
+        args.model_uri,
+        args.out,
+        args.backend,
+        args.max_batch_size,
+        args.max_queue_delay_us,
+        args.python_path,
+        args.precision,
     )
     print(f"wrote {out / MODEL_NAME}: tritonserver --model-repository={out}")
     return 0
