@@ -69,8 +69,11 @@ MLFLOW_PORT ?= 5000
 demo: $(STAMP)  ## the pipeline through kfp.local (generate or DATASET=path-or-s3-uri, train, evaluate, register), then a short serving benchmark of the champion
 	@mkdir -p $(STATE)
 	$(PY) -m pipelines.run --state $(STATE) --dataset "$(DATASET)"
-	STATE=$(abspath $(STATE)) $(PY) -m benchmarks.serving --model-uri models:/top-tagger@champion --clients 1,16 --batch-sizes 1 \
-	  --protocols grpc --inputs images,constituents --seconds 4 --no-stock --out $(STATE)/serving-bench
+	@# What the cpu overlay serves (BACKEND=auto PRECISION=auto FALLBACK=torch) where the champion carries
+	@# model.onnx, else torch fp32, said on stderr (toptagger/deploy/local.py); make demo BACKEND=... PRECISION=... overrides.
+	serving="$$(STATE=$(abspath $(STATE)) $(PY) -m toptagger.deploy.local --env models:/top-tagger@champion)" && eval "$$serving" && \
+	STATE=$(abspath $(STATE)) $(PY) -m benchmarks.serving --model-uri models:/top-tagger@champion --backend "$$BACKEND" --precision "$$PRECISION" \
+	  --clients 1,16 --batch-sizes 1 --protocols grpc --inputs images,constituents --seconds 4 --no-stock --out $(STATE)/serving-bench
 
 REPLICAS ?= 2
 

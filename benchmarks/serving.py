@@ -33,7 +33,7 @@ import numpy as np
 from benchmarks.common import machine
 from benchmarks.fleet import add_arguments as fleet_arguments
 from benchmarks.measure import bounded_ratio, closed_loop, percentiles, running_server, sample_inputs, timed_calls
-from serving.backends import BACKENDS, Backend, load_backend
+from serving.backends import BACKENDS, PRECISIONS, Backend, load_backend
 from toptagger.cli import positive_int, run_cli
 from toptagger.constants import MODEL_NAME, N_CONSTITUENTS
 
@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> dict:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     # First: a bad URI fails before any generation. The ceiling is this backend's, in-process.
-    backend = load_backend(args.model_uri, args.backend)
+    backend = load_backend(args.model_uri, args.backend, precision=args.precision)
     jets, images = sample_inputs(backend)
     ceiling_batches = sorted({1, *args.batch_sizes, args.headline_clients, 32, 64})
     ceiling = in_process_ceiling(backend, images, ceiling_batches, args.seconds)
@@ -300,7 +300,8 @@ def run(args: argparse.Namespace) -> dict:
     plan = [(c, 1) for c in args.clients] + [(1, b) for b in args.batch_sizes if b != 1]
     points: list[Point] = []
     server_options = ["--max-batch-size", str(args.max_batch_size), "--max-latency-ms", str(args.max_latency_ms)]
-    server_options += ["--backend", args.backend]
+    # Exactly what the ceiling measured (auto resolved once, here), not a second auto choice in the server.
+    server_options += ["--backend", backend.kind, "--precision", backend.precision]
     with running_server("serving", args.model_uri, server_options) as urls:
         combos = [(p, k, c, b) for p in args.protocols for k in args.inputs for c, b in plan]
         for protocol, kind, clients, batch in tqdm(combos, desc="serving sweep", unit="point"):
@@ -355,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inputs", default="images,constituents", type=lambda s: s.split(","))
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per point")
     parser.add_argument("--backend", choices=list(BACKENDS), default="torch", help="our server's and the ceiling's")
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="our server's and the ceiling's (auto: the fastest admitted)",
+    )
     parser.add_argument("--max-batch-size", type=positive_int, default=16)
     parser.add_argument(
         "--max-latency-ms",

@@ -12,6 +12,10 @@
     python -m components.deploy render  --model-uri s3://mlflow/1/models/m-abc/artifacts --overlay fpga
     python -m components.deploy cluster --model-uri models:/top-tagger@champion --overlay fpga
     python -m components.deploy local   --model-uri ./champion --http-port 8080 --grpc-port 8081
+
+A local predictor serves what the cpu overlay serves (``--backend auto --precision auto``, torch as
+the fallback) where the version carries ``model.onnx``, torch fp32 otherwise, saying which and why
+(:mod:`toptagger.deploy.local`); ``--backend``/``--precision`` or ``BACKEND``/``PRECISION`` override it.
 """
 
 # No `from __future__ import annotations`: KFP reads the component's annotations as objects.
@@ -64,8 +68,13 @@ def deploy_step(
     model_uri = resolve(f"models:/{model_name}@{CHAMPION}")
     if target == "local":
         from serving.process import start_local
+        from toptagger.deploy.local import local_serving
+        from toptagger.model_uri import fetch_model_dir
 
-        predictor = start_local(model_uri, http_port=http_port, grpc_port=grpc_port)
+        # What the cpu overlay serves where the version carries the graphs (BACKEND/PRECISION override it).
+        serving = local_serving(fetch_model_dir(model_uri))
+        log.info("serving with %s: %s", " ".join(serving.args()), serving.reason)
+        predictor = start_local(model_uri, http_port=http_port, grpc_port=grpc_port, extra_args=serving.args())
         log.info("serving %s@%s at %s (pid %d)", model_name, CHAMPION, predictor.url, predictor.process.pid)
         return {
             "target": target,
@@ -74,6 +83,7 @@ def deploy_step(
             "pid": predictor.process.pid,
             "log": str(predictor.log_path),
             "model_uri": model_uri,
+            "serving": " ".join(serving.args()),
         }
     if not model_uri.startswith(CLUSTER_SCHEMES):
         raise ConfigError(
@@ -92,7 +102,7 @@ def deploy_step(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serving.backends import BACKENDS
+    from serving.backends import BACKENDS, PRECISIONS
     from toptagger.cli import positive_int
     from toptagger.deploy.kserve import MANIFESTS_DIR, OVERLAYS
 
@@ -119,7 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     local = sub.add_parser("local", parents=[common], help="run the predictor here until interrupted")
     local.add_argument("--http-port", type=positive_int, default=HTTP_PORT)
     local.add_argument("--grpc-port", type=positive_int, default=GRPC_PORT)
-    local.add_argument("--backend", choices=list(BACKENDS), help="default: the predictor's (BACKEND or torch)")
+    local.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        help="default: BACKEND, else the cpu overlay's (auto where the version has model.onnx, else torch)",
+    )
+    local.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        help="default: PRECISION, else auto (the fastest admitted) for the graph backends",
+    )
     local.add_argument("--timeout", type=positive_int, default=300, help="seconds to wait for ready (default 300)")
     return parser
 
@@ -148,14 +167,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serving.process import start_local
     from toptagger.deploy.k8s_models import to_dict
     from toptagger.deploy.kserve import CLUSTER_SCHEMES, deploy_to_cluster, kserve_client, render
+    from toptagger.deploy.local import local_serving
     from toptagger.errors import ConfigError
-    from toptagger.model_uri import resolve
+    from toptagger.model_uri import fetch_model_dir, resolve
 
     args = build_parser().parse_args(argv)
     model_uri = resolve(args.model_uri)
     if args.mode == "local":
+        serving = local_serving(fetch_model_dir(model_uri), args.backend, args.precision)
+        print(f"serving with {' '.join(serving.args())}: {serving.reason}", flush=True)
         predictor = start_local(
-            model_uri, http_port=args.http_port, grpc_port=args.grpc_port, backend=args.backend, timeout_s=args.timeout
+            model_uri,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            extra_args=serving.args(),
+            timeout_s=args.timeout,
         )
         print(f"ready: {predictor.url} (v2 REST)  {predictor.grpc_target} (gRPC)  log {predictor.log_path}")
         print("stop with Ctrl-C", flush=True)

@@ -43,6 +43,15 @@ class Backend(ABC):
     def image_size(self) -> int:
         return self.image_config.image_size
 
+    def serving(self) -> dict[str, str]:
+        """What serves: backend, precision, and how they were chosen (auto's measurements, or asked for).
+
+        The one description of the choice: ServerMetadata (``serving.server``) shows it, and
+        ModelConfig's ``precision``/``selection`` parameters say the same.
+        """
+        selection = getattr(self, "selection", None) or self.description  # only the graph backends measure
+        return {"backend": self.kind, "precision": self.precision, "selection": selection}
+
     def render(self, constituents: np.ndarray) -> np.ndarray:
         """Constituents [N, 200, 4] -> images [N, 1, S, S], exactly as in training."""
         try:
@@ -129,6 +138,7 @@ class OpenCLBackend(Backend):
         self.image_config = config.image
         self.channels = self.engine.input_shape[0]
         self.max_batch_size = self.engine.max_batch_size
+        self.precision = precision  # an fp16 package serves fp16: ServerMetadata and ModelConfig say so
         self.description = f"opencl ({precision}) on {self.engine.info.label()} ({self.engine.info.kind})"
 
     def predict(self, images: np.ndarray) -> np.ndarray:

@@ -232,6 +232,12 @@ class TopTagger(Model):
             self.not_ready_reason = "not loaded yet"
 
     # --- metadata -------------------------------------------------------------------------------
+    @property
+    def serving(self) -> dict[str, str] | None:
+        """Backend, precision and selection of what serves (:meth:`Backend.serving`); None while not ready."""
+        backend = self.backend
+        return backend.serving() if backend is not None and self.ready else None
+
     def get_input_types(self) -> list[dict]:
         return [spec.as_v2() for spec in self.contract.inputs] if self.contract else []
 

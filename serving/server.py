@@ -234,6 +234,12 @@ def install_rest_extensions(app: FastAPI, model: TopTagger, max_body: int, datap
     if dataplane is not None:  # /infer decoded off the event loop (serving.rest_infer)
         install_infer_routes(app, model, dataplane)
 
+        async def server_metadata() -> JSONResponse:
+            # KServe's GET /v2 validates through a response model that drops the "serving" object.
+            return JSONResponse(dataplane.metadata())
+
+        app.add_api_route("/v2", server_metadata, methods=["GET"])
+
     async def overloaded(_: Request, exc: ServerOverloaded) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=503, headers={"retry-after": retry_after_header(exc)})
 
