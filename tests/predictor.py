@@ -7,6 +7,7 @@ that starts a predictor for a test of its own.
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -107,3 +108,20 @@ def scrape(server: Server) -> dict[str, float]:
     answer = httpx.get(metrics_url(server), timeout=30)
     answer.raise_for_status()
     return parse_metrics(answer.text)
+
+
+def read_http_answer(sock: socket.socket) -> str:
+    """One HTTP/1.1 answer with a Content-Length body, read off a raw socket."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before an answer: {answer!r}"
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = (line.partition(b":") for line in head.split(b"\r\n"))
+    length = int(next(value for name, _, value in lines if name.strip().lower() == b"content-length"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the answer's body"
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode("latin-1")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from serving import discard
-from tests.predictor import IMAGE_SIZE, Server, parse_metrics, start_server, stop_server
+from tests.predictor import IMAGE_SIZE, Server, parse_metrics, read_http_answer, start_server, stop_server
 from toptagger.constants import MODEL_NAME
 
 INFER = f"/v2/models/{MODEL_NAME}/infer"
@@ -141,21 +141,6 @@ def roomy(model_dir: Path) -> Iterator[Server]:
     stop_server(running)
 
 
-def _answer(sock: socket.socket) -> str:
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before an answer: {answer!r}"
-        answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    length = int(
-        next(v for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")) if k.lower() == b"content-length")
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return (head + b"\r\n\r\n" + body).decode("latin-1")
-
-
 def _binary_request(rows: int, tensor: bytes) -> bytes:
     shape = [rows, 3, IMAGE_SIZE, IMAGE_SIZE]
     spec = {"name": "images", "datatype": "FP32", "shape": shape, "parameters": {"binary_data_size": len(tensor)}}
@@ -180,10 +165,10 @@ def test_a_big_refused_upload_is_counted_slowed_and_the_connection_then_serves(r
     request = _binary_request(9, bytes(payload))
     with socket.create_connection((roomy.host, roomy.http_port), timeout=GUARD_S) as sock:
         sock.sendall(request)  # returns once the server has read all but the socket buffers' worth
-        assert _answer(sock).startswith("HTTP/1.1 400")
+        assert read_http_answer(sock).startswith("HTTP/1.1 400")
         image = np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32).tobytes()
         sock.sendall(_binary_request(1, image))
-        answer = _answer(sock)
+        answer = read_http_answer(sock)
         assert answer.startswith("HTTP/1.1 200"), answer
         assert '"probabilities"' in answer
     after = parse_metrics(httpx.get(url).text)

@@ -27,7 +27,7 @@ from serving.limits import Admission, Limits, QueueTooLong, declared_size, retry
 from serving.predictor import BatchingOptions, TopTagger
 from serving.rest_infer import _decode_binary
 from serving.server import TaggerDataPlane, install_rest_extensions
-from tests.predictor import IMAGE_SIZE, Server, start_server, stop_server
+from tests.predictor import IMAGE_SIZE, Server, read_http_answer, start_server, stop_server
 from toptagger.constants import MODEL_NAME
 
 INFER = f"/v2/models/{MODEL_NAME}/infer"
@@ -213,22 +213,6 @@ def test_rest_body_over_the_cap_is_413_before_it_is_sent(capped: Server) -> None
     assert "exceeds" in answer
 
 
-def _read_answer(sock: socket.socket) -> str:
-    """One HTTP answer with a Content-Length body, read off a raw socket."""
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before an answer: {answer!r}"
-        answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    length = int(
-        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return (head + b"\r\n\r\n" + body).decode("latin-1")
-
-
 def test_rest_binary_refused_by_its_header_is_answered_before_the_tensor_arrives(capped: Server) -> None:
     """Over the batch limit (8) but under the body cap: the JSON header alone decides.
 
@@ -248,7 +232,7 @@ def test_rest_binary_refused_by_its_header_is_answered_before_the_tensor_arrives
     ).encode()
     with socket.create_connection((capped.host, capped.http_port), timeout=GUARD_S) as sock:
         sock.sendall(request_head + head)
-        answer = _read_answer(sock)
+        answer = read_http_answer(sock)
         assert answer.startswith("HTTP/1.1 400"), answer
         assert "exceeds the maximum batch size 8" in answer
         sock.sendall(tensor)  # the rest of the refused upload, which the server drops
@@ -267,7 +251,7 @@ def test_rest_binary_refused_by_its_header_is_answered_before_the_tensor_arrives
             + head
             + image
         )
-        answer = _read_answer(sock)
+        answer = read_http_answer(sock)
         assert answer.startswith("HTTP/1.1 200"), answer
         assert '"probabilities"' in answer
 
