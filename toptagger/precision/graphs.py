@@ -70,6 +70,10 @@ def _onnxruntime(path: Path, precision: str, threads: int) -> tuple[Graph, str]:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # ORT's pool threads spin between runs by default: in a server they take the cores from the
+    # event loop that forms the next batch. Off, our server on the int8 graph served 885-928
+    # jets/s instead of 764-793 at 16 clients, in-process unchanged (docs/benchmarks/serving/hotpath.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(images: np.ndarray) -> np.ndarray:
