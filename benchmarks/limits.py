@@ -50,7 +50,8 @@ import numpy as np
 
 from benchmarks.common import machine, publish
 from benchmarks.measure import percentiles
-from serving.process import REPO, free_port
+from serving.errors import NOT_LOADED
+from serving.process import REPO, free_port, readiness
 from toptagger.cli import positive_int, run_cli
 from toptagger.constants import MODEL_NAME
 from toptagger.errors import ConfigError
@@ -61,8 +62,6 @@ MB = 1024 * 1024
 @contextmanager
 def server(repo: Path, model_uri: str, extra: Sequence[str]) -> Iterator[tuple[str, str, int]]:
     """``python -m serving`` of ``repo`` on free ports; yields (REST URL, gRPC target, pid)."""
-    import httpx
-
     http, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "serving", "--model-uri", model_uri, "--http-port", str(http)]
     command += ["--grpc-port", str(grpc_port), *extra]
@@ -77,11 +76,11 @@ def server(repo: Path, model_uri: str, extra: Sequence[str]) -> Iterator[tuple[s
         while True:
             if process.poll() is not None:
                 raise ConfigError(f"the server exited ({process.returncode}); log {log.name}")
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            ready, why = readiness(url)
+            if ready:
+                break
+            if why and why != NOT_LOADED:  # up, and will not load: no point waiting
+                raise ConfigError(f"the server is up but not ready: {why}; log {log.name}")
             if time.monotonic() > deadline:
                 raise ConfigError(f"the server was not ready in 300 s; log {log.name}")
             time.sleep(0.25)

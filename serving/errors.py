@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The readiness reason of a model still loading; any other reason of a server that is up is final.
+NOT_LOADED = "not loaded yet"
+
 
 class ServerOverloaded(RuntimeError):
     """The batching queue is full: HTTP 503, gRPC RESOURCE_EXHAUSTED. Clients should back off."""

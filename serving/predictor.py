@@ -36,7 +36,7 @@ from serving.backends import Backend, load_backend
 from serving.batching import BatcherClosed, DynamicBatcher, QueueFull
 from serving.contract import Contract
 from serving.drain import Drain
-from serving.errors import ServerOverloaded
+from serving.errors import NOT_LOADED, ServerOverloaded
 from serving.limits import Admission
 from serving.redact import redact
 from serving.triton.checksum import model_checksums
@@ -86,7 +86,7 @@ class TopTagger(Model):
         self.contract: Contract | None = None
         # Triton's checksum agent's MD5 of every file served, answered in ModelConfig (serving.triton.checksum).
         self.checksums: dict[str, str] = {}
-        self.not_ready_reason: str | None = "not loaded yet"
+        self.not_ready_reason: str | None = NOT_LOADED
         # The backend is built and run on one dedicated thread: torch's OpenMP pool belongs to the
         # thread that first used it, and a second thread's pool competes with it (measured: 13 ms
         # -> 24 ms per batch-1 ResNet-50 call at 64x64 on 2 cores). One for the object's life:
@@ -229,7 +229,7 @@ class TopTagger(Model):
                 return
             self.stopped = False
             self.backend, self.contract, self.batchers, self.device_thread = None, None, {}, None
-            self.not_ready_reason = "not loaded yet"
+            self.not_ready_reason = NOT_LOADED
 
     # --- metadata -------------------------------------------------------------------------------
     @property

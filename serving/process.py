@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.errors import NOT_LOADED
 from toptagger.constants import GRPC_PORT, HTTP_PORT, MODEL_NAME
 from toptagger.errors import ConfigError, TaggerError
 
@@ -120,7 +121,7 @@ def _port_in_use(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _readiness(url: str) -> tuple[bool, str | None]:
+def readiness(url: str) -> tuple[bool, str | None]:
     """(ready, why not): ``why`` is the predictor's own reason when it answers 503 with one."""
     try:
         with urllib.request.urlopen(url + READY_PATH, timeout=2) as response:
@@ -239,12 +240,12 @@ def is_started(predictor: LocalPredictor, what: str, wait_ready: bool = True) ->
             f"the {what} exited with status {process.returncode} before it was ready "
             f"(log {log_path}):\n{_log_tail(log_path)}"
         )
-    ready, why = _readiness(predictor.url)
+    ready, why = readiness(predictor.url)
     if ready or (not wait_ready and (why is not None or _live(predictor.url))):
         return True
     # The predictor loads its model before it listens, so a 503 with a reason other than
     # "not loaded yet" is final (e.g. the model cannot be read): no point waiting for it.
-    if why and why != "not loaded yet":
+    if why and why != NOT_LOADED:
         predictor.stop()
         raise LocalServingError(f"the {what} on {predictor.url} is up but not ready: {why} (log {log_path})")
     return False
