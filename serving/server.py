@@ -497,7 +497,7 @@ def _use_uvloop() -> None:
     """Run both protocols on uvloop: upstream's ``asyncio.run`` takes the policy's loop.
 
     uvicorn picks uvloop only in its own ``run()``; KServe serves it from ``asyncio.run`` on the
-    stdlib loop. uvloop took ~40 µs of CPU off each batch-1 gRPC request (of ~370; grpc.aio and
+    stdlib loop. uvloop took 15-40 µs of CPU off each batch-1 gRPC request (of ~350; grpc.aio and
     its loop are most of the rest: docs/benchmarks/serving/hotpath.md). A loop is set as well:
     upstream's ``setup_event_loop`` calls ``get_event_loop()``, which uvloop's policy does not create.
     """

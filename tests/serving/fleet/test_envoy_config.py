@@ -5,6 +5,7 @@ cluster file equal to the render, and the listener token bucket at work."""
 from __future__ import annotations
 
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -219,7 +220,11 @@ def test_the_listener_token_bucket_closes_connections_over_the_budget(tmp_path: 
         name = "listener_local_ratelimit.grpc_connections.rate_limited"
         wait_until(lambda: (tmp_path / "admin").exists(), 30, "Envoy's admin address")
         connections = [socket.create_connection(("127.0.0.1", grpc_port), timeout=30) for _ in range(3)]
-        assert connections[2].recv(1) == b"", "the third connection is closed at once"
+        # Which of the three is over the budget is Envoy's order, not ours: each worker accepts
+        # from its own socket (reuse_port), so on busy cores the third may be taken first.
+        readable, _, _ = select.select(connections, [], [], 30)
+        closed = [connection for connection in readable if connection.recv(1) == b""]
+        assert len(closed) == 1, "one connection of the three is closed at once"
         assert envoy.stats(admin, name)[name] == 1
         for connection in connections:
             connection.close()
