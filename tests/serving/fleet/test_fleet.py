@@ -158,14 +158,16 @@ def test_a_killed_replica_costs_no_client_a_failure(fleet: Fleet, load: Callable
     running = load(fleet.grpc_target, 16)
     wait_until(both_serving(fleet), 60, "both replicas serving the load")
     fleet.kill(0)
-    fleet.wait_for_health(0, False, 30)
-    survivor = served_by(fleet, 1)
-    wait_until(lambda: served_by(fleet, 1) > survivor + 32, 60, "the load going on on replica 1")
-    result = running.finish()
+    try:
+        fleet.wait_for_health(0, False, 30)
+        survivor = served_by(fleet, 1)
+        wait_until(lambda: served_by(fleet, 1) > survivor + 32, 60, "the load going on on replica 1")
+        result = running.finish()
+    finally:
+        fleet.restart(0)  # whatever happens here, the next test gets both replicas
     assert result["failures"] == [], result["failures"][:5]
     assert counter(fleet, CUT_OFF) > cut_off, "requests were in flight on the killed replica"
     assert counter(fleet, RETRIES) > retries, "and Envoy sent them to the other one"
-    fleet.restart(0)
 
 
 def test_a_draining_replica_finishes_what_it_accepted(fleet: Fleet, load: Callable[..., Load]) -> None:
